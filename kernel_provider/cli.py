@@ -1,0 +1,168 @@
+"""Command line: `qntx-<name>-plugin` (as QNTX launches it) and `kernel-provider` (for people)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from kernel_provider.config import (
+    DEFAULT_EXECUTE_TIMEOUT,
+    DEFAULT_KERNEL,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_PORT,
+    ConfigError,
+    Settings,
+    parse_output_limit,
+    parse_timeout,
+)
+
+log = logging.getLogger("kernel_provider")
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+_PLUGIN_FILE_NAME = re.compile(r"qntx-(?P<name>.+)-plugin(\.exe)?")
+
+
+def name_from_executable(path: str) -> str:
+    """`qntx-bio-plugin` -> `bio`; anything else is the default plugin `python`."""
+    match = _PLUGIN_FILE_NAME.fullmatch(Path(path).name)
+    return match.group("name") if match else "python"
+
+
+def _argument_type(parse, flag: str):
+    """Reuse a config parser as an argparse type, so flags and config keys share one rule."""
+
+    def convert(raw: str):
+        try:
+            return parse(flag, raw)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _host_port(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on; the next nine are tried when it is taken (0: any free port)")
+    parser.add_argument("--address", type=_host_port, help="HOST:PORT to listen on; overrides --port (default host 127.0.0.1)")
+    parser.add_argument("--name", help="plugin name reported in Metadata (default: from the executable's name qntx-NAME-plugin)")
+    parser.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
+    parser.add_argument("--kernel", default=DEFAULT_KERNEL, help="kernelspec every glyph kernel is started from")
+    parser.add_argument("--execute-timeout", type=_argument_type(parse_timeout, "--execute-timeout"), default=DEFAULT_EXECUTE_TIMEOUT, metavar="SECONDS")
+    parser.add_argument("--max-output-bytes", type=_argument_type(parse_output_limit, "--max-output-bytes"), default=DEFAULT_MAX_OUTPUT_BYTES, metavar="BYTES")
+    parser.add_argument("--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)")
+
+
+def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
+    host, port = args.address if args.address else ("127.0.0.1", args.port)
+    return Settings(
+        name=args.name or name_from_executable(executable),
+        host=host,
+        port=port,
+        kernel=args.kernel,
+        execute_timeout=args.execute_timeout,
+        max_output_bytes=args.max_output_bytes,
+        connection_dir=args.connection_dir.resolve() if args.connection_dir else None,
+        log_level=args.log_level,
+    )
+
+
+def setup_logging(level: str) -> None:
+    # stdout belongs to the QNTX_PLUGIN_PORT line; every log line goes to stderr.
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=LOG_LEVELS[level],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_server(settings: Settings) -> int:
+    from kernel_provider.provider import check_kernelspec
+    from kernel_provider.server import BindError, serve
+
+    setup_logging(settings.log_level)
+    try:
+        check_kernelspec(settings.kernel)
+    except ConfigError as exc:
+        print(f"kernel_provider: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except BindError as exc:
+        print(f"kernel_provider: {exc}", file=sys.stderr)
+        return 1
+
+
+def plugin_main(argv: list[str] | None = None) -> int:
+    """Entry point QNTX launches: `qntx-NAME-plugin --port N [args]`."""
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description="QNTX Python provider on Jupyter kernels")
+    add_server_flags(parser)
+    args = parser.parse_args(argv)
+    return run_server(settings_from_args(args, sys.argv[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernel-provider", description="QNTX Python provider on Jupyter kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the plugin server, as QNTX would launch it")
+    add_server_flags(serve_parser)
+
+    run_parser = commands.add_parser("run", help="run code on a provider and print what it said")
+    run_parser.add_argument("code", help="Python source to run ('-' reads it from standard input)")
+    run_parser.add_argument("--glyph", default="", help="glyph id (its kernel and state persist on the provider)")
+    run_parser.add_argument("--target", type=_host_port, help="HOST:PORT of a running provider (default: start one for this call)")
+    run_parser.add_argument("--kernel", default=DEFAULT_KERNEL, help="kernelspec for the provider started for this call")
+    run_parser.add_argument("--upstream", default="", help="JSON attestation passed as `upstream`")
+    run_parser.add_argument("--json", action="store_true", help="print the whole ExecutionResult JSON")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_server(settings_from_args(args, "kernel-provider"))
+    from kernel_provider.client import run_command
+
+    code = sys.stdin.read() if args.code == "-" else args.code
+    return run_command(
+        code,
+        glyph_id=args.glyph,
+        target=args.target,
+        kernel=args.kernel,
+        upstream=args.upstream.encode(),
+        as_json=args.json,
+    )
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for output in result.get("outputs", []):
+        kind = output["output_type"]
+        if kind == "stream":
+            stream = sys.stdout if output["name"] == "stdout" else sys.stderr
+            stream.write(output["text"])
+            stream.flush()
+        elif kind in ("execute_result", "display_data"):
+            data = output.get("data", {})
+            text = data.get("text/plain", "")
+            others = [m for m in data if m != "text/plain"]
+            prefix = f"Out[{output.get('execution_count')}]: " if kind == "execute_result" else ""
+            suffix = f"  [{', '.join(others)}]" if others else ""
+            print(f"{prefix}{text}{suffix}")
+    if result.get("error"):
+        print(result["error"], file=sys.stderr)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Settings: one object built from the command line, then updated by Initialize's config map."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_runtime_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9000
+DEFAULT_KERNEL = "python3"
+DEFAULT_EXECUTE_TIMEOUT = 60.0
+DEFAULT_MAX_OUTPUT_BYTES = 1_000_000
+# gRPC's default message ceiling, which QNTX's Go client keeps. The output cap
+# must leave room for the same text appearing in `output`, `result.stdout` and
+# `result.outputs`, so it may not exceed a third of this.
+GRPC_MESSAGE_LIMIT = 4 * 1024 * 1024
+MAX_OUTPUT_BYTES_CEILING = 1_300_000
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message is one sentence for a person."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str = "python"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    kernel: str = DEFAULT_KERNEL
+    execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    connection_dir: Path | None = None
+    log_level: str = "info"
+
+    def resolved_connection_dir(self) -> Path:
+        """The folder for this plugin's kernel connection files (default under the Jupyter runtime dir)."""
+        if self.connection_dir is not None:
+            return self.connection_dir
+        return Path(jupyter_runtime_dir()) / "kernel_provider" / _safe_name(self.name)
+
+    def with_config(self, config: Mapping[str, str]) -> Settings:
+        """Apply Initialize's config map; unknown keys are logged and ignored."""
+        changes: dict[str, Any] = {}
+        for key, raw in config.items():
+            field = CONFIG_FIELDS.get(key)
+            if field is None:
+                log.warning("ignoring unknown config key %r", key)
+                continue
+            changes[key] = field.parse(key, raw)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One key of Initialize's config map: its schema for ConfigSchema, and its parser."""
+
+    type: str
+    description: str
+    default: str
+    parse: Callable[[str, str], Any]
+    min_value: str = ""
+    max_value: str = ""
+
+
+def parse_kernel_name(key: str, raw: str) -> str:
+    name = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"{key} must be a kernelspec name (letters, digits, '.', '_' or '-'), got {raw!r}.")
+    return name
+
+
+def parse_timeout(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number of seconds, got {raw!r}.") from None
+    if not (0 < value <= 86_400):
+        raise ConfigError(f"{key} must be more than 0 and at most 86400 seconds, got {raw!r}.")
+    return value
+
+
+def parse_output_limit(key: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number of bytes, got {raw!r}.") from None
+    if not (1024 <= value <= MAX_OUTPUT_BYTES_CEILING):
+        raise ConfigError(
+            f"{key} must be between 1024 and {MAX_OUTPUT_BYTES_CEILING} bytes so that an answer fits "
+            f"gRPC's 4 MB message limit, got {raw!r}."
+        )
+    return value
+
+
+CONFIG_FIELDS: dict[str, ConfigField] = {
+    "kernel": ConfigField(
+        type="string",
+        description="Name of the Jupyter kernelspec every glyph kernel is started from.",
+        default=DEFAULT_KERNEL,
+        parse=parse_kernel_name,
+    ),
+    "execute_timeout": ConfigField(
+        type="number",
+        description="Seconds a run may take before its kernel is interrupted (a shorter gRPC deadline wins).",
+        default=str(int(DEFAULT_EXECUTE_TIMEOUT)),
+        parse=parse_timeout,
+        min_value="0",
+        max_value="86400",
+    ),
+    "max_output_bytes": ConfigField(
+        type="number",
+        description="Bytes of output kept per run; the rest is dropped with a marker saying how much.",
+        default=str(DEFAULT_MAX_OUTPUT_BYTES),
+        parse=parse_output_limit,
+        min_value="1024",
+        max_value=str(MAX_OUTPUT_BYTES_CEILING),
+    ),
+}
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "plugin"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it readable by its owner only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path

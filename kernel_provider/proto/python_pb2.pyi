@@ -1,0 +1,27 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PythonExecuteRequest(_message.Message):
+    __slots__ = ("code", "glyph_id", "upstream_attestation")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    GLYPH_ID_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    glyph_id: str
+    upstream_attestation: bytes
+    def __init__(self, code: _Optional[str] = ..., glyph_id: _Optional[str] = ..., upstream_attestation: _Optional[bytes] = ...) -> None: ...
+
+class PythonExecuteResponse(_message.Message):
+    __slots__ = ("success", "output", "error", "result")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    output: str
+    error: str
+    result: bytes
+    def __init__(self, success: _Optional[bool] = ..., output: _Optional[str] = ..., error: _Optional[str] = ..., result: _Optional[bytes] = ...) -> None: ...

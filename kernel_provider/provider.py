@@ -1,0 +1,54 @@
+"""The provider's shared state: settings, glyph sessions, and the signal to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+from jupyter_client.kernelspec import KernelSpecManager
+
+from kernel_provider.config import ConfigError, Settings
+from kernel_provider.sessions import SessionManager
+
+log = logging.getLogger(__name__)
+
+try:
+    __version__ = version("kernel_provider")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+
+def installed_kernelspecs() -> list[str]:
+    return sorted(KernelSpecManager().find_kernel_specs())
+
+
+def check_kernelspec(name: str) -> None:
+    """Raise ConfigError naming the installed kernelspecs when ``name`` is not one of them."""
+    installed = installed_kernelspecs()
+    if name not in installed:
+        raise ConfigError(
+            f"No kernelspec named {name!r} is installed; installed kernelspecs: {', '.join(installed) or 'none'}."
+        )
+
+
+class Provider:
+    """What every servicer shares. Created once per process."""
+
+    def __init__(self, settings: Settings):
+        # The flags; each Initialize applies its config map to these afresh, so a key
+        # that a later Initialize leaves out goes back to the flag's value.
+        self.base_settings = settings
+        self.settings = settings
+        self.sessions = SessionManager(settings)
+        self.stopping = asyncio.Event()
+        self.version = __version__
+
+    async def apply_config(self, config: dict[str, str]) -> None:
+        settings = self.base_settings.with_config(config)
+        check_kernelspec(settings.kernel)
+        self.settings = settings
+        await self.sessions.reconfigure(settings)
+
+    def request_stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,118 @@
+"""PythonService: the gRPC face of a glyph run (ADR-022's Execute)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import unicodedata
+from typing import Any
+
+import grpc
+
+from kernel_provider.config import GRPC_MESSAGE_LIMIT
+from kernel_provider.proto import python_pb2, python_pb2_grpc
+from kernel_provider.provider import Provider
+from kernel_provider.results import ExecutionResult
+from kernel_provider.sessions import ProviderClosing, RunRequest
+
+log = logging.getLogger(__name__)
+
+MAX_GLYPH_ID_LENGTH = 256
+# Time kept back from a gRPC deadline so that the interrupted run can still be answered.
+DEADLINE_MARGIN_SECONDS = 0.5
+# Room kept under the 4 MB ceiling for the message framing and the fields we do not cut.
+RESPONSE_SLACK_BYTES = 64 * 1024
+
+
+class BadRequest(ValueError):
+    """A request we refuse; the message is one sentence saying what is wrong."""
+
+
+def validate_glyph_id(glyph_id: str) -> str:
+    if len(glyph_id) > MAX_GLYPH_ID_LENGTH:
+        raise BadRequest(f"glyph_id is {len(glyph_id)} characters long; at most {MAX_GLYPH_ID_LENGTH} are allowed.")
+    if any(unicodedata.category(ch) == "Cc" for ch in glyph_id):
+        raise BadRequest("glyph_id must not contain control characters.")
+    return glyph_id
+
+
+def validate_code(code: str) -> str:
+    if not code.strip():
+        raise BadRequest("code is empty: send the Python source to run.")
+    return code
+
+
+def decode_upstream(raw: bytes) -> Any:
+    """The attestation QNTX sent, as a dict; None when it sent nothing."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("upstream_attestation is not valid UTF-8; it must be a JSON object.") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"upstream_attestation is not valid JSON ({exc.msg} at byte {exc.pos}).") from None
+    if value is not None and not isinstance(value, dict):
+        raise BadRequest(f"upstream_attestation must be a JSON object, got a JSON {type(value).__name__}.")
+    return value
+
+
+def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
+    """Build the wire answer, keeping it under gRPC's 4 MB default whatever the kernel printed."""
+    response = python_pb2.PythonExecuteResponse(
+        success=result.success,
+        output=_valid_text(result.stdout),
+        error=_valid_text(result.error or ""),
+        result=result.to_json(),
+    )
+    if response.ByteSize() <= GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
+        return response
+    # Only text that escapes badly in JSON (control characters) gets here: drop the
+    # duplicate copy of the outputs from `result` rather than the answer itself.
+    log.warning("answer of %d bytes is over the gRPC limit; leaving the outputs out of result", response.ByteSize())
+    result.outputs = [
+        {"output_type": "stream", "name": "stderr", "text": "[kernel_provider: outputs left out: answer too large]\n"}
+    ]
+    response.result = result.to_json()
+    if response.ByteSize() > GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
+        result.stdout = result.stderr = ""
+        response.result = result.to_json()
+    return response
+
+
+def _valid_text(text: str) -> str:
+    # Kernels can send lone surrogates; protobuf strings must be valid UTF-8.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def run_timeout(provider: Provider, context: grpc.aio.ServicerContext) -> float:
+    """The configured timeout, or QNTX's gRPC deadline when that is sooner."""
+    timeout = provider.settings.execute_timeout
+    remaining = context.time_remaining()
+    if remaining is not None:
+        timeout = min(timeout, max(remaining - DEADLINE_MARGIN_SECONDS, 0.1))
+    return timeout
+
+
+class PythonServicer(python_pb2_grpc.PythonServiceServicer):
+    def __init__(self, provider: Provider):
+        self.provider = provider
+
+    async def Execute(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
+        try:
+            glyph_id = validate_glyph_id(request.glyph_id)
+            code = validate_code(request.code)
+            upstream = decode_upstream(request.upstream_attestation)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        run = RunRequest(
+            code=code,
+            upstream=upstream,
+            timeout=run_timeout(self.provider, context),
+            output_limit=self.provider.settings.max_output_bytes,
+        )
+        try:
+            result = await self.provider.sessions.execute(glyph_id, run)
+        except ProviderClosing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again once it is back.")
+        return to_response(result)

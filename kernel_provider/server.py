@@ -1,0 +1,72 @@
+"""The grpc.aio server: bind (with QNTX's port retry), announce the port, serve until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+
+from kernel_provider.config import Settings
+from kernel_provider.plugin import DomainPluginServicer
+from kernel_provider.proto import domain_pb2_grpc, python_pb2_grpc
+from kernel_provider.provider import Provider
+from kernel_provider.python_service import PythonServicer
+
+log = logging.getLogger(__name__)
+
+PORT_ATTEMPTS = 10
+GRACE_SECONDS = 2.0
+PORT_LINE_PREFIX = "QNTX_PLUGIN_PORT="
+
+
+class BindError(OSError):
+    pass
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind host:port, or the next free port of the following nine, as QNTX plugins do.
+
+    Port 0 asks the system for any free port (handy for tests and `kernel-provider run`).
+    """
+    attempts = 1 if port == 0 else PORT_ATTEMPTS
+    for candidate in range(port, port + attempts):
+        address = f"[{host}]:{candidate}" if ":" in host else f"{host}:{candidate}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if bound:
+            return bound
+        log.info("port %d is taken, trying the next", candidate)
+    raise BindError(f"could not bind {host} on any port from {port} to {port + attempts - 1}")
+
+
+def announce(port: int) -> None:
+    """The one line QNTX reads from our stdout; nothing else is ever printed there."""
+    sys.stdout.write(f"{PORT_LINE_PREFIX}{port}\n")
+    sys.stdout.flush()
+
+
+async def serve(settings: Settings) -> int:
+    provider = Provider(settings)
+    # SO_REUSEPORT would let us bind a port another plugin already holds, and
+    # QNTX's "port taken, try the next" protocol depends on that failing.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    domain_pb2_grpc.add_DomainPluginServiceServicer_to_server(DomainPluginServicer(provider), server)
+    python_pb2_grpc.add_PythonServiceServicer_to_server(PythonServicer(provider), server)
+    port = bind(server, settings.host, settings.port)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, provider.request_stop)
+    log.info("plugin %r serving on %s:%d with kernelspec %s", settings.name, settings.host, port, settings.kernel)
+    announce(port)
+    await provider.stopping.wait()
+    log.info("stopping: shutting down every kernel")
+    await provider.sessions.shutdown()
+    await server.stop(GRACE_SECONDS)
+    log.info("stopped")
+    return 0
