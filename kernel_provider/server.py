@@ -65,8 +65,11 @@ async def serve(settings: Settings) -> int:
     log.info("plugin %r serving on %s:%d with kernelspec %s", settings.name, settings.host, port, settings.kernel)
     announce(port)
     await provider.stopping.wait()
-    log.info("stopping: shutting down every kernel")
-    await provider.sessions.shutdown()
+    # Refuse new runs, give the ones under way a moment to finish (then gRPC cancels
+    # them), and only then stop the kernels, so that no run sees its kernel vanish.
+    log.info("stopping: finishing runs under way, then shutting down every kernel")
+    provider.sessions.close()
     await server.stop(GRACE_SECONDS)
+    await provider.sessions.shutdown()
     log.info("stopped")
     return 0

@@ -68,6 +68,9 @@ class KernelSession:
         self.busy = False
         self.manager: AsyncKernelManager | None = None
         self.client: AsyncKernelClient | None = None
+        # A kernel start runs as its own task, shielded from the run that asked for it:
+        # a cancelled run must not leave a half-started kernel nobody will stop.
+        self._starting: asyncio.Task | None = None
         name = connection_file_name(glyph_id) if glyph_id else f"kernel-once-{uuid.uuid4().hex}.json"
         self.connection_file = connection_dir / name
 
@@ -84,7 +87,7 @@ class KernelSession:
         started = time.perf_counter()
         if self.manager is None:
             try:
-                await self._start()
+                await self._start_shielded()
             except Exception as exc:
                 log.exception("could not start kernel %s for glyph %r", self.kernel_name, self.glyph_id)
                 return ExecutionResult.failed(
@@ -161,15 +164,21 @@ class KernelSession:
         self.manager, self.client = manager, client
         log.info("started kernel %s for glyph %r", self.kernel_name, self.glyph_id)
 
+    async def _start_shielded(self) -> None:
+        self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
     async def _replace_kernel(self) -> None:
         await self._stop()
-        await self._start()
+        await self._start_shielded()
 
     async def stop(self) -> None:
         async with self.lock:
             await self._stop()
 
     async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            await asyncio.gather(self._starting, return_exceptions=True)
         manager, client = self.manager, self.client
         self.manager = self.client = None
         if client is not None:
@@ -230,9 +239,13 @@ class SessionManager:
         live = [s for s in [*self.sessions.values(), *self._throwaway] if s.manager is not None]
         return len(live), sum(1 for s in live if s.busy)
 
+    def close(self) -> None:
+        """Refuse new runs from now on; the ones under way go on."""
+        self._closing = True
+
     async def shutdown(self) -> None:
         """Stop every kernel; refuse new runs from now on."""
-        self._closing = True
+        self.close()
         sessions = [*self.sessions.values(), *self._throwaway]
         self.sessions.clear()
         # Stop without waiting for each glyph's lock: a run in progress is cut short.

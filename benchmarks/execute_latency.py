@@ -1,0 +1,253 @@
+"""Execute latency: the provider's gRPC round trip against a raw jupyter_client round trip.
+
+Both sides run a trivial statement (``1+1``) on a kernel of the same kernelspec:
+
+* baseline: one kernel started with ``jupyter_client.AsyncKernelManager``; a round trip
+  is ``execute_request`` on shell until both the iopub ``status: idle`` and the shell
+  ``execute_reply`` of that request have arrived;
+* provider: the plugin launched as QNTX launches it (``qntx-python-plugin --port 0``),
+  initialized, then ``PythonService.Execute(code="1+1", glyph_id="bench")`` over one
+  reused gRPC channel.
+
+Both are warmed up first, then measured in alternating blocks (the order flipping from
+block to block) so that machine noise falls on both alike. The script prints p50 and p99
+of each and the provider/baseline ratios. It is a measurement, not a test: it exits 0
+whatever the numbers, and non-zero only when something fails to start or to run.
+
+Run it from the project root:
+
+    python benchmarks/execute_latency.py [--runs N] [--kernel NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import select
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from jupyter_client import AsyncKernelManager
+from jupyter_client.asynchronous import AsyncKernelClient
+
+from kernel_provider.proto import domain_pb2, domain_pb2_grpc, python_pb2, python_pb2_grpc
+
+CODE = "1+1"
+GLYPH_ID = "bench"
+WARMUP_CALLS = 20
+BLOCKS = 10
+PORT_LINE_PREFIX = "QNTX_PLUGIN_PORT="
+START_TIMEOUT = 60.0
+CALL_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+GOAL_RATIO = 1.10
+
+
+# --- baseline: jupyter_client directly ---------------------------------------------------
+
+
+class Baseline:
+    """One kernel and its async client, driven from a private event loop."""
+
+    def __init__(self, kernel: str):
+        self.runner = asyncio.Runner()
+        self.manager = AsyncKernelManager(kernel_name=kernel)
+        self.client: AsyncKernelClient | None = None
+
+    def start(self) -> None:
+        self.runner.run(self._start())
+
+    async def _start(self) -> None:
+        await self.manager.start_kernel()
+        self.client = self.manager.client()
+        self.client.start_channels()
+        await self.client.wait_for_ready(timeout=START_TIMEOUT)
+
+    def timed_calls(self, count: int) -> list[float]:
+        """Run ``count`` round trips; their durations in milliseconds."""
+        return self.runner.run(self._timed_calls(count))
+
+    async def _timed_calls(self, count: int) -> list[float]:
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            await self._round_trip()
+            times.append((time.perf_counter() - started) * 1000)
+        return times
+
+    async def _round_trip(self) -> None:
+        assert self.client is not None
+        msg_id = self.client.execute(CODE)
+        idle = replied = False
+        while not idle:
+            msg = await self.client.get_iopub_msg(timeout=CALL_TIMEOUT)
+            idle = _is_ours(msg, msg_id) and msg["msg_type"] == "status" and _is_idle(msg)
+        while not replied:
+            reply = await self.client.get_shell_msg(timeout=CALL_TIMEOUT)
+            replied = _is_ours(reply, msg_id)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"baseline kernel failed to run {CODE!r}: {reply['content']}")
+
+    def stop(self) -> None:
+        try:
+            self.runner.run(self._stop())
+        finally:
+            self.runner.close()
+
+    async def _stop(self) -> None:
+        if self.client is not None:
+            self.client.stop_channels()
+        if self.manager.has_kernel:
+            await self.manager.shutdown_kernel(now=True)
+
+
+def _is_ours(msg: dict, msg_id: str) -> bool:
+    return msg.get("parent_header", {}).get("msg_id") == msg_id
+
+
+def _is_idle(msg: dict) -> bool:
+    return msg["content"].get("execution_state") == "idle"
+
+
+# --- provider: the plugin over gRPC ---------------------------------------------------------
+
+
+def plugin_command(kernel: str) -> list[str]:
+    """The plugin executable next to this Python, as QNTX finds it; else the module form."""
+    flags = ["--port", "0", "--kernel", kernel, "--log-level", "warn"]
+    script = Path(sys.executable).parent / "qntx-python-plugin"
+    if script.exists():
+        return [str(script), *flags]
+    return [sys.executable, "-m", "kernel_provider", "serve", *flags]
+
+
+def read_port(process: subprocess.Popen[str]) -> int:
+    """The port from the plugin's one stdout line, waiting at most START_TIMEOUT."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    line = process.stdout.readline() if ready else ""
+    if not line.startswith(PORT_LINE_PREFIX):
+        raise RuntimeError(f"the plugin did not announce its port (got {line!r}, exit status {process.poll()})")
+    return int(line[len(PORT_LINE_PREFIX) :])
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def running_provider(kernel: str) -> Iterator[python_pb2_grpc.PythonServiceStub]:
+    """Launch and initialize the plugin; yield its PythonService; shut it down however we leave."""
+    process = subprocess.Popen(plugin_command(kernel), stdout=subprocess.PIPE, text=True)
+    try:
+        port = read_port(process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            plugin = domain_pb2_grpc.DomainPluginServiceStub(channel)
+            plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
+            try:
+                yield python_pb2_grpc.PythonServiceStub(channel)
+            finally:
+                try:
+                    plugin.Shutdown(domain_pb2.Empty(), timeout=STOP_TIMEOUT)
+                except grpc.RpcError as exc:
+                    print(f"warning: Shutdown RPC failed: {exc.code().name}", file=sys.stderr)
+    finally:
+        stop_process(process)
+
+
+def provider_timed_calls(stub: python_pb2_grpc.PythonServiceStub, count: int) -> list[float]:
+    """Run ``count`` Execute calls; their durations in milliseconds."""
+    request = python_pb2.PythonExecuteRequest(code=CODE, glyph_id=GLYPH_ID)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = stub.Execute(request, timeout=CALL_TIMEOUT)
+        times.append((time.perf_counter() - started) * 1000)
+        if not response.success:
+            raise RuntimeError(f"the provider failed to run {CODE!r}: {response.error}")
+    return times
+
+
+# --- measuring and reporting ------------------------------------------------------------------
+
+
+def interleaved(
+    baseline: Callable[[int], list[float]], provider: Callable[[int], list[float]], runs: int
+) -> tuple[list[float], list[float]]:
+    """``runs`` timings of each, taken in BLOCKS alternating blocks (ABBA...)."""
+    base_times: list[float] = []
+    prov_times: list[float] = []
+    sizes = [runs // BLOCKS + (1 if i < runs % BLOCKS else 0) for i in range(BLOCKS)]
+    for block, size in enumerate(sizes):
+        if block % 2 == 0:
+            base_times += baseline(size)
+            prov_times += provider(size)
+        else:
+            prov_times += provider(size)
+            base_times += baseline(size)
+    return base_times, prov_times
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    return cuts[49], cuts[98]
+
+
+def report(kernel: str, runs: int, base_times: list[float], prov_times: list[float]) -> None:
+    base_p50, base_p99 = percentiles(base_times)
+    prov_p50, prov_p99 = percentiles(prov_times)
+    print(f"execute latency of {CODE!r}, kernelspec {kernel!r}, {runs} calls each (after {WARMUP_CALLS} warm-up)")
+    print(f"{'':<22}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'jupyter_client':<22}{base_p50:>9.3f}{base_p99:>9.3f}")
+    print(f"{'provider (gRPC)':<22}{prov_p50:>9.3f}{prov_p99:>9.3f}")
+    print(f"{'ratio provider/base':<22}{prov_p50 / base_p50:>9.2f}{prov_p99 / base_p99:>9.2f}")
+    print(f"p50 ratio {prov_p50 / base_p50:.2f} (goal <= {GOAL_RATIO:.2f})")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=500, help="timed calls of each side (default 500)")
+    parser.add_argument("--kernel", default="python3", help="kernelspec both sides use (default python3)")
+    args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error("--runs must be at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    baseline = Baseline(args.kernel)
+    try:
+        baseline.start()
+        with running_provider(args.kernel) as stub:
+            baseline.timed_calls(WARMUP_CALLS)
+            provider_timed_calls(stub, WARMUP_CALLS)  # the first call also starts the glyph's kernel
+            provider = functools.partial(provider_timed_calls, stub)
+            base_times, prov_times = interleaved(baseline.timed_calls, provider, args.runs)
+    except Exception as exc:
+        print(f"execute_latency: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        baseline.stop()
+    report(args.kernel, args.runs, base_times, prov_times)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Launch the provider the way QNTX launches a plugin, and talk to it over real gRPC.
+
+QNTX runs `qntx-NAME-plugin --port N [args]`, reads `QNTX_PLUGIN_PORT=<port>`
+from the process's stdout, then calls Metadata and Initialize. The helpers here
+do exactly that, with real kernels behind the provider; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kernel_provider.proto import domain_pb2, domain_pb2_grpc, python_pb2, python_pb2_grpc
+
+BIN_DIR = Path(sys.executable).parent
+PLUGIN_EXECUTABLE = BIN_DIR / "qntx-python-plugin"
+LAUNCH_TIMEOUT = 60
+RPC_TIMEOUT = 120
+
+
+@dataclass
+class Plugin:
+    """A launched plugin process and stubs for its two services."""
+
+    process: subprocess.Popen
+    port: int
+    connection_dir: Path
+    stderr_lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.domain = domain_pb2_grpc.DomainPluginServiceStub(self.channel)
+        self.python = python_pb2_grpc.PythonServiceStub(self.channel)
+
+    def execute(self, code: str, glyph_id: str = "", upstream: bytes = b"", timeout: float = RPC_TIMEOUT):
+        request = python_pb2.PythonExecuteRequest(code=code, glyph_id=glyph_id, upstream_attestation=upstream)
+        return self.python.Execute(request, timeout=timeout)
+
+    def run(self, code: str, glyph_id: str = "", **kwargs) -> dict:
+        """Execute and return the decoded ExecutionResult, checking it agrees with the response fields."""
+        response = self.execute(code, glyph_id, **kwargs)
+        result = json.loads(response.result)
+        assert result["success"] == response.success
+        assert result["stdout"] == response.output
+        assert (result["error"] or "") == response.error
+        return result
+
+    def initialize(self, **config: str):
+        return self.domain.Initialize(domain_pb2.InitializeRequest(config=config), timeout=RPC_TIMEOUT)
+
+    def health(self):
+        return self.domain.Health(domain_pb2.Empty(), timeout=RPC_TIMEOUT)
+
+    def kernel_pids(self) -> list[int]:
+        return kernel_pids_using(self.connection_dir)
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def kernel_pids_using(connection_dir: Path) -> list[int]:
+    """Processes whose command line names a connection file in ``connection_dir``: our kernels."""
+    pids = []
+    marker = str(connection_dir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and "-f" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def launch(
+    connection_dir: Path,
+    *args: str,
+    executable: Path = PLUGIN_EXECUTABLE,
+    port: int = 0,
+    initialize: bool = True,
+) -> Plugin:
+    command = [str(executable), "--port", str(port), "--connection-dir", str(connection_dir), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_lines: list[str] = []
+    # Drain stderr in the background so a chatty provider never blocks on a full pipe.
+    threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True).start()
+    line = process.stdout.readline()
+    assert line.startswith("QNTX_PLUGIN_PORT="), f"no port line, got {line!r}; stderr: {''.join(stderr_lines)}"
+    plugin = Plugin(process, int(line.strip().split("=", 1)[1]), connection_dir, stderr_lines)
+    if initialize:
+        plugin.domain.Metadata(domain_pb2.Empty(), timeout=LAUNCH_TIMEOUT)
+        plugin.initialize()
+    return plugin
+
+
+@pytest.fixture(scope="session")
+def provider(tmp_path_factory):
+    """One provider shared by the tests that only need glyph runs; each test uses its own glyph ids."""
+    plugin = launch(tmp_path_factory.mktemp("conn"))
+    yield plugin
+    assert plugin.stop() == 0
+
+
+@pytest.fixture
+def fresh_provider(tmp_path):
+    """A provider of the test's own, for tests that change settings or stop it."""
+    plugins: list[Plugin] = []
+
+    def start(*args: str, **kwargs) -> Plugin:
+        plugin = launch(tmp_path / f"conn{len(plugins)}", *args, **kwargs)
+        plugins.append(plugin)
+        return plugin
+
+    yield start
+    for plugin in plugins:
+        plugin.stop()
+        leftover = plugin.kernel_pids()
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftover, f"kernels outlived their provider: {leftover}"
