@@ -151,8 +151,10 @@ def stop_process(process: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def running_provider(kernel: str) -> Iterator[python_pb2_grpc.PythonServiceStub]:
-    """Launch and initialize the plugin; yield its PythonService; shut it down however we leave."""
+def running_provider(
+    kernel: str,
+) -> Iterator[tuple[python_pb2_grpc.PythonServiceStub, domain_pb2_grpc.DomainPluginServiceStub]]:
+    """Launch and initialize the plugin; yield its two services; shut it down however we leave."""
     process = subprocess.Popen(plugin_command(kernel), stdout=subprocess.PIPE, text=True)
     try:
         port = read_port(process)
@@ -160,7 +162,7 @@ def running_provider(kernel: str) -> Iterator[python_pb2_grpc.PythonServiceStub]
             plugin = domain_pb2_grpc.DomainPluginServiceStub(channel)
             plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
             try:
-                yield python_pb2_grpc.PythonServiceStub(channel)
+                yield python_pb2_grpc.PythonServiceStub(channel), plugin
             finally:
                 try:
                     plugin.Shutdown(domain_pb2.Empty(), timeout=STOP_TIMEOUT)
@@ -180,6 +182,16 @@ def provider_timed_calls(stub: python_pb2_grpc.PythonServiceStub, count: int) ->
         times.append((time.perf_counter() - started) * 1000)
         if not response.success:
             raise RuntimeError(f"the provider failed to run {CODE!r}: {response.error}")
+    return times
+
+
+def hop_timed_calls(plugin: domain_pb2_grpc.DomainPluginServiceStub, count: int) -> list[float]:
+    """``count`` Health calls, which touch no kernel: the cost of the gRPC hop alone, in ms."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        plugin.Health(domain_pb2.Empty(), timeout=CALL_TIMEOUT)
+        times.append((time.perf_counter() - started) * 1000)
     return times
 
 
@@ -209,7 +221,7 @@ def percentiles(times: list[float]) -> tuple[float, float]:
     return cuts[49], cuts[98]
 
 
-def report(kernel: str, runs: int, base_times: list[float], prov_times: list[float]) -> None:
+def report(kernel: str, runs: int, base_times: list[float], prov_times: list[float], hop_times: list[float]) -> None:
     base_p50, base_p99 = percentiles(base_times)
     prov_p50, prov_p99 = percentiles(prov_times)
     print(f"execute latency of {CODE!r}, kernelspec {kernel!r}, {runs} calls each (after {WARMUP_CALLS} warm-up)")
@@ -217,6 +229,10 @@ def report(kernel: str, runs: int, base_times: list[float], prov_times: list[flo
     print(f"{'jupyter_client':<22}{base_p50:>9.3f}{base_p99:>9.3f}")
     print(f"{'provider (gRPC)':<22}{prov_p50:>9.3f}{prov_p99:>9.3f}")
     print(f"{'ratio provider/base':<22}{prov_p50 / base_p50:>9.2f}{prov_p99 / base_p99:>9.2f}")
+    hop_p50, hop_p99 = percentiles(hop_times)
+    # The hop is what any gRPC plugin pays; what is left is the provider's own work.
+    print(f"{'gRPC hop (Health)':<22}{hop_p50:>9.3f}{hop_p99:>9.3f}")
+    print(f"{'(provider-hop)/base':<22}{(prov_p50 - hop_p50) / base_p50:>9.2f}")
     print(f"p50 ratio {prov_p50 / base_p50:.2f} (goal <= {GOAL_RATIO:.2f})")
 
 
@@ -235,17 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     baseline = Baseline(args.kernel)
     try:
         baseline.start()
-        with running_provider(args.kernel) as stub:
+        with running_provider(args.kernel) as (stub, plugin):
             baseline.timed_calls(WARMUP_CALLS)
             provider_timed_calls(stub, WARMUP_CALLS)  # the first call also starts the glyph's kernel
             provider = functools.partial(provider_timed_calls, stub)
             base_times, prov_times = interleaved(baseline.timed_calls, provider, args.runs)
+            hop_times = hop_timed_calls(plugin, args.runs)
     except Exception as exc:
         print(f"execute_latency: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         baseline.stop()
-    report(args.kernel, args.runs, base_times, prov_times)
+    report(args.kernel, args.runs, base_times, prov_times, hop_times)
     return 0
 
 

@@ -65,6 +65,9 @@ def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
         error=_valid_text(result.error or ""),
         result=result.to_json(),
     )
+    # len(result) is a cheap lower bound check first: nearly every answer is far below the limit.
+    if len(response.result) * 2 < GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
+        return response
     if response.ByteSize() <= GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
         return response
     # Only text that escapes badly in JSON (control characters) gets here: drop the

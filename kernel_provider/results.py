@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Tracebacks from IPython carry terminal colours; QNTX shows error text as plain text.
@@ -67,7 +67,8 @@ class ExecutionResult:
         return cls(success=False, error=reason, duration_ms=round(duration_ms, 3))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: the outputs are only read from here on, so asdict's deep copy is wasted work.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8", "replace")

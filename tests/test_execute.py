@@ -276,3 +276,21 @@ def test_runs_of_one_glyph_go_one_at_a_time_in_arrival_order(provider):
     assert [entry[0] for entry in log] == list(range(5))
     for earlier, later in zip(log, log[1:]):
         assert earlier[2] <= later[1], "two runs of one glyph overlapped"
+
+
+def test_outputs_are_valid_nbformat_v4(provider):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    code = """
+import sys
+from IPython.display import display, HTML
+print('out'); print('err', file=sys.stderr)
+display(HTML('<b>x</b>'), metadata={'isolated': True})
+42
+"""
+    outputs = provider.run(code, glyph())["outputs"]
+    failing = provider.run("raise KeyError('k')", glyph())["outputs"]
+    cell = new_code_cell(source=code, outputs=outputs + failing, execution_count=1)
+    nbformat.validate(new_notebook(cells=[cell]))  # raises ValidationError on a bad output
+    assert [o["output_type"] for o in outputs] == ["stream", "stream", "display_data", "execute_result"]
