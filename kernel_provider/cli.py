@@ -53,14 +53,38 @@ def _host_port(raw: str) -> tuple[str, int]:
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on; the next nine are tried when it is taken (0: any free port)")
-    parser.add_argument("--address", type=_host_port, help="HOST:PORT to listen on; overrides --port (default host 127.0.0.1)")
-    parser.add_argument("--name", help="plugin name reported in Metadata (default: from the executable's name qntx-NAME-plugin)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port to listen on; the next nine are tried when it is taken (0: any free port)",
+    )
+    parser.add_argument(
+        "--address", type=_host_port, help="HOST:PORT to listen on; overrides --port (default host 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--name",
+        help="plugin name reported in Metadata (default: from the executable's name qntx-NAME-plugin)",
+    )
     parser.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
-    parser.add_argument("--kernel", default=DEFAULT_KERNEL, help="kernelspec every glyph kernel is started from")
-    parser.add_argument("--execute-timeout", type=_argument_type(parse_timeout, "--execute-timeout"), default=DEFAULT_EXECUTE_TIMEOUT, metavar="SECONDS")
-    parser.add_argument("--max-output-bytes", type=_argument_type(parse_output_limit, "--max-output-bytes"), default=DEFAULT_MAX_OUTPUT_BYTES, metavar="BYTES")
-    parser.add_argument("--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)")
+    parser.add_argument(
+        "--kernel", default=DEFAULT_KERNEL, help="kernelspec every glyph kernel is started from"
+    )
+    parser.add_argument(
+        "--execute-timeout",
+        type=_argument_type(parse_timeout, "--execute-timeout"),
+        default=DEFAULT_EXECUTE_TIMEOUT,
+        metavar="SECONDS",
+    )
+    parser.add_argument(
+        "--max-output-bytes",
+        type=_argument_type(parse_output_limit, "--max-output-bytes"),
+        default=DEFAULT_MAX_OUTPUT_BYTES,
+        metavar="BYTES",
+    )
+    parser.add_argument(
+        "--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
@@ -105,14 +129,18 @@ def run_server(settings: Settings) -> int:
 
 def plugin_main(argv: list[str] | None = None) -> int:
     """Entry point QNTX launches: `qntx-NAME-plugin --port N [args]`."""
-    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description="QNTX Python provider on Jupyter kernels")
+    parser = argparse.ArgumentParser(
+        prog=Path(sys.argv[0]).name, description="QNTX Python provider on Jupyter kernels"
+    )
     add_server_flags(parser)
     args = parser.parse_args(argv)
     return run_server(settings_from_args(args, sys.argv[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernel-provider", description="QNTX Python provider on Jupyter kernels")
+    parser = argparse.ArgumentParser(
+        prog="kernel-provider", description="QNTX Python provider on Jupyter kernels"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve_parser = commands.add_parser("serve", help="run the plugin server, as QNTX would launch it")
@@ -120,9 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 
     run_parser = commands.add_parser("run", help="run code on a provider and print what it said")
     run_parser.add_argument("code", help="Python source to run ('-' reads it from standard input)")
-    run_parser.add_argument("--glyph", default="", help="glyph id (its kernel and state persist on the provider)")
-    run_parser.add_argument("--target", type=_host_port, help="HOST:PORT of a running provider (default: start one for this call)")
-    run_parser.add_argument("--kernel", default=DEFAULT_KERNEL, help="kernelspec for the provider started for this call")
+    run_parser.add_argument(
+        "--glyph", default="", help="glyph id (its kernel and state persist on the provider)"
+    )
+    run_parser.add_argument(
+        "--target", type=_host_port, help="HOST:PORT of a running provider (default: start one for this call)"
+    )
+    run_parser.add_argument(
+        "--kernel", default=DEFAULT_KERNEL, help="kernelspec for the provider started for this call"
+    )
     run_parser.add_argument("--upstream", default="", help="JSON attestation passed as `upstream`")
     run_parser.add_argument("--json", action="store_true", help="print the whole ExecutionResult JSON")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
@@ -23,14 +23,25 @@ class LaunchError(RuntimeError):
 @contextmanager
 def launched_provider(kernel: str) -> Iterator[str]:
     """Start a provider the way QNTX does (its port from the stdout line), yield HOST:PORT, stop it."""
-    command = [sys.executable, "-m", "kernel_provider", "serve", "--port", "0", "--kernel", kernel, "--log-level", "warn"]
+    command = [
+        sys.executable,
+        "-m",
+        "kernel_provider",
+        "serve",
+        "--port",
+        "0",
+        "--kernel",
+        kernel,
+        "--log-level",
+        "warn",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline() if process.stdout else ""
         if not line.startswith(PORT_LINE_PREFIX):
             process.wait(timeout=LAUNCH_TIMEOUT_SECONDS)
             raise LaunchError(f"the provider did not start (exit status {process.returncode})")
-        target = f"127.0.0.1:{int(line[len(PORT_LINE_PREFIX):])}"
+        target = f"127.0.0.1:{int(line[len(PORT_LINE_PREFIX) :])}"
         with grpc.insecure_channel(target) as channel:
             plugin = domain_pb2_grpc.DomainPluginServiceStub(channel)
             plugin.Metadata(domain_pb2.Empty(), timeout=LAUNCH_TIMEOUT_SECONDS)

@@ -171,7 +171,11 @@ def output_from_msg(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
             "evalue": content["evalue"],
             "traceback": content["traceback"],
         }
-    output = {"output_type": msg_type, "metadata": content.get("metadata", {}), "data": content.get("data", {})}
+    output = {
+        "output_type": msg_type,
+        "metadata": content.get("metadata", {}),
+        "data": content.get("data", {}),
+    }
     if msg_type == "execute_result":
         output["execution_count"] = content.get("execution_count")
     return output

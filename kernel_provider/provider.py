@@ -27,9 +27,8 @@ def check_kernelspec(name: str) -> None:
     """Raise ConfigError naming the installed kernelspecs when ``name`` is not one of them."""
     installed = installed_kernelspecs()
     if name not in installed:
-        raise ConfigError(
-            f"No kernelspec named {name!r} is installed; installed kernelspecs: {', '.join(installed) or 'none'}."
-        )
+        listing = ", ".join(installed) or "none"
+        raise ConfigError(f"No kernelspec named {name!r} is installed; installed kernelspecs: {listing}.")
 
 
 class Provider:

@@ -30,7 +30,9 @@ class BadRequest(ValueError):
 
 def validate_glyph_id(glyph_id: str) -> str:
     if len(glyph_id) > MAX_GLYPH_ID_LENGTH:
-        raise BadRequest(f"glyph_id is {len(glyph_id)} characters long; at most {MAX_GLYPH_ID_LENGTH} are allowed.")
+        raise BadRequest(
+            f"glyph_id is {len(glyph_id)} characters long; at most {MAX_GLYPH_ID_LENGTH} are allowed."
+        )
     if any(unicodedata.category(ch) == "Cc" for ch in glyph_id):
         raise BadRequest("glyph_id must not contain control characters.")
     return glyph_id
@@ -72,9 +74,15 @@ def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
         return response
     # Only text that escapes badly in JSON (control characters) gets here: drop the
     # duplicate copy of the outputs from `result` rather than the answer itself.
-    log.warning("answer of %d bytes is over the gRPC limit; leaving the outputs out of result", response.ByteSize())
+    log.warning(
+        "answer of %d bytes is over the gRPC limit; leaving the outputs out of result", response.ByteSize()
+    )
     result.outputs = [
-        {"output_type": "stream", "name": "stderr", "text": "[kernel_provider: outputs left out: answer too large]\n"}
+        {
+            "output_type": "stream",
+            "name": "stderr",
+            "text": "[kernel_provider: outputs left out: answer too large]\n",
+        }
     ]
     response.result = result.to_json()
     if response.ByteSize() > GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:

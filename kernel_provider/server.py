@@ -62,7 +62,9 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, provider.request_stop)
-    log.info("plugin %r serving on %s:%d with kernelspec %s", settings.name, settings.host, port, settings.kernel)
+    log.info(
+        "plugin %r serving on %s:%d with kernelspec %s", settings.name, settings.host, port, settings.kernel
+    )
     announce(port)
     await provider.stopping.wait()
     # Refuse new runs, give the ones under way a moment to finish (then gRPC cancels

@@ -42,7 +42,9 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT, help="root to write kernel_provider/proto/ under")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=ROOT, help="root to write kernel_provider/proto/ under"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path.relative_to(args.out), file=sys.stderr)

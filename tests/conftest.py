@@ -96,19 +96,40 @@ def launch(
     executable: Path = PLUGIN_EXECUTABLE,
     port: int = 0,
     initialize: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Plugin:
     command = [str(executable), "--port", str(port), "--connection-dir", str(connection_dir), *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     stderr_lines: list[str] = []
     # Drain stderr in the background so a chatty provider never blocks on a full pipe.
     threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True).start()
     line = process.stdout.readline()
-    assert line.startswith("QNTX_PLUGIN_PORT="), f"no port line, got {line!r}; stderr: {''.join(stderr_lines)}"
+    assert line.startswith("QNTX_PLUGIN_PORT="), (
+        f"no port line, got {line!r}; stderr: {''.join(stderr_lines)}"
+    )
     plugin = Plugin(process, int(line.strip().split("=", 1)[1]), connection_dir, stderr_lines)
     if initialize:
         plugin.domain.Metadata(domain_pb2.Empty(), timeout=LAUNCH_TIMEOUT)
         plugin.initialize()
     return plugin
+
+
+def install_copy_of_python3(data_dir: Path, name: str) -> dict[str, str]:
+    """A second kernelspec (the same Python under another name) in a private Jupyter data dir.
+
+    Returns the environment that makes Jupyter see it.
+    """
+    spec_dir = data_dir / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python ({name})",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return {"JUPYTER_PATH": str(data_dir)}
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -57,7 +59,14 @@ def test_result_json_shape_and_stream_order(provider):
     response = provider.execute(code, glyph())
     result = json.loads(response.result)
     assert set(result) >= {
-        "success", "stdout", "stderr", "result", "error", "duration_ms", "execution_count", "outputs"
+        "success",
+        "stdout",
+        "stderr",
+        "result",
+        "error",
+        "duration_ms",
+        "execution_count",
+        "outputs",
     }
     assert response.success and result["error"] is None and response.error == ""
     assert response.output == "one\ntwo\n"
@@ -269,12 +278,11 @@ def test_runs_of_one_glyph_go_one_at_a_time_in_arrival_order(provider):
         request = python_pb2.PythonExecuteRequest(code=code.format(n=n), glyph_id=g)
         futures.append(provider.python.Execute.future(request, timeout=60))
         # Each call reaches the server before the next is sent, so arrival order is n.
-        import time
         time.sleep(0.05)
     assert all(f.result().success for f in futures)
     log = eval(provider.run("log", g)["result"])
     assert [entry[0] for entry in log] == list(range(5))
-    for earlier, later in zip(log, log[1:]):
+    for earlier, later in itertools.pairwise(log):
         assert earlier[2] <= later[1], "two runs of one glyph overlapped"
 
 

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from conftest import PLUGIN_EXECUTABLE, launch
-from kernel_provider.proto import domain_pb2
+from conftest import PLUGIN_EXECUTABLE, install_copy_of_python3
+from kernel_provider.proto import domain_pb2, python_pb2
 
 EMPTY = domain_pb2.Empty()
 
@@ -124,14 +124,20 @@ def test_second_initialize_does_not_duplicate_kernels(fresh_provider):
     assert sorted(plugin.kernel_pids()) == pids
 
 
-def test_initialize_with_a_new_kernelspec_stops_the_old_kernels(fresh_provider):
-    plugin = fresh_provider()
+def test_initialize_with_a_new_kernelspec_stops_the_old_kernels(fresh_provider, tmp_path):
+    env = install_copy_of_python3(tmp_path / "jupyter", "python3-copy")
+    plugin = fresh_provider(env=env)
     plugin.run("a = 1", "g1")
     old = plugin.kernel_pids()
-    plugin.initialize(kernel="python3", execute_timeout="30")  # same spec: kept
+    plugin.initialize(execute_timeout="30")  # same kernelspec: the kernel and its state stay
     assert plugin.kernel_pids() == old
-    plugin.initialize(kernel="python3")
-    assert plugin.kernel_pids() == old
+    assert plugin.run("a", "g1")["result"] == "1"
+    plugin.initialize(kernel="python3-copy")
+    assert plugin.health().details["kernelspec"] == "python3-copy"
+    assert plugin.run("'a' in dir()", "g1")["result"] == "False"
+    assert not set(plugin.kernel_pids()) & set(old)
+    (connection_file,) = plugin.connection_dir.glob("*.json")
+    assert json.loads(connection_file.read_text())["kernel_name"] == "python3-copy"
 
 
 def test_health_counts_live_and_busy_kernels(fresh_provider):
@@ -142,9 +148,7 @@ def test_health_counts_live_and_busy_kernels(fresh_provider):
     assert health.details["live_kernels"] == "0"
     plugin.run("1", "g1")
     running = plugin.python.Execute.future(
-        __import__("kernel_provider.proto.python_pb2", fromlist=["x"]).PythonExecuteRequest(
-            code="import time\ntime.sleep(2)", glyph_id="g2"
-        )
+        python_pb2.PythonExecuteRequest(code="import time\ntime.sleep(2)", glyph_id="g2")
     )
     deadline = time.monotonic() + 30
     while plugin.health().details["busy_kernels"] != "1" and time.monotonic() < deadline:
@@ -200,9 +204,7 @@ def test_signal_stops_cleanly_leaving_no_kernel(fresh_provider, signum):
     plugin = fresh_provider()
     plugin.run("x = 1", "g1")
     busy = plugin.python.Execute.future(
-        __import__("kernel_provider.proto.python_pb2", fromlist=["x"]).PythonExecuteRequest(
-            code="import time\ntime.sleep(60)", glyph_id="g2"
-        )
+        python_pb2.PythonExecuteRequest(code="import time\ntime.sleep(60)", glyph_id="g2")
     )
     deadline = time.monotonic() + 30
     while len(plugin.kernel_pids()) < 2 and time.monotonic() < deadline:
@@ -289,13 +291,18 @@ def test_another_clients_code_never_leaks_into_an_answer(fresh_provider):
 def test_kernel_provider_run_starts_a_provider_for_the_call():
     ok = subprocess.run(
         ["kernel-provider", "run", "print('hello')\n6 * 7"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{PLUGIN_EXECUTABLE.parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": f"{PLUGIN_EXECUTABLE.parent}:{os.environ['PATH']}"},
     )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines() == ["hello", "Out[1]: 42"]
     failed = subprocess.run(
         [str(PLUGIN_EXECUTABLE.parent / "kernel-provider"), "run", "1 / 0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert failed.returncode == 1
     assert "ZeroDivisionError: division by zero" in failed.stderr
@@ -303,7 +310,14 @@ def test_kernel_provider_run_starts_a_provider_for_the_call():
 
 def test_kernel_provider_run_against_a_running_provider(provider):
     target = f"127.0.0.1:{provider.port}"
-    command = [str(PLUGIN_EXECUTABLE.parent / "kernel-provider"), "run", "--target", target, "--glyph", "cli-glyph"]
+    command = [
+        str(PLUGIN_EXECUTABLE.parent / "kernel-provider"),
+        "run",
+        "--target",
+        target,
+        "--glyph",
+        "cli-glyph",
+    ]
     assert subprocess.run([*command, "n = 5"], capture_output=True, timeout=60).returncode == 0
     again = subprocess.run([*command, "n * 2"], capture_output=True, text=True, timeout=60)
     assert again.stdout.strip() == "Out[2]: 10"

@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_committed_stubs_match_the_protos(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", str(tmp_path)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", str(tmp_path)], check=True
+    )
     generated = {p.name: p.read_bytes() for p in (tmp_path / "kernel_provider" / "proto").glob("*_pb2*")}
     committed = {p.name: p.read_bytes() for p in (ROOT / "kernel_provider" / "proto").glob("*_pb2*")}
     assert generated, "the script generated nothing"
@@ -31,10 +33,23 @@ def test_wire_numbers_match_the_qntx_contract():
     assert init["python_provider"] == 9 and init["http_routes"] == 8 and init["handler_names"] == 1
     request = {f.name: f.number for f in domain_pb2.InitializeRequest.DESCRIPTOR.fields}
     assert request["config"] == 4 and request["auth_token"] == 3 and request["fetch_endpoint"] == 12
-    services = {s.full_name: [m.name for m in s.methods] for s in
-                [*domain_pb2.DESCRIPTOR.services_by_name.values(), *python_pb2.DESCRIPTOR.services_by_name.values()]}
+    services = {
+        s.full_name: [m.name for m in s.methods]
+        for s in [
+            *domain_pb2.DESCRIPTOR.services_by_name.values(),
+            *python_pb2.DESCRIPTOR.services_by_name.values(),
+        ]
+    }
     assert services["protocol.PythonService"] == ["Execute"]
     assert services["protocol.DomainPluginService"] == [
-        "Metadata", "Initialize", "Shutdown", "HandleHTTP", "HandleWebSocket",
-        "Health", "ConfigSchema", "RegisterGlyphs", "ExecuteJob", "ParseAxQuery",
+        "Metadata",
+        "Initialize",
+        "Shutdown",
+        "HandleHTTP",
+        "HandleWebSocket",
+        "Health",
+        "ConfigSchema",
+        "RegisterGlyphs",
+        "ExecuteJob",
+        "ParseAxQuery",
     ]
