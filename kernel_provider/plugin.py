@@ -39,6 +39,8 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
             await self.provider.apply_config(dict(request.config))
         except ConfigError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.provider.ats_store_endpoint = request.ats_store_endpoint
+        self.provider.auth_token = request.auth_token
         settings = self.provider.settings
         log.info(
             "initialized: kernelspec %s, execute timeout %gs, output limit %d bytes",

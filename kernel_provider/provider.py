@@ -42,6 +42,9 @@ class Provider:
         self.sessions = SessionManager(settings)
         self.stopping = asyncio.Event()
         self.version = __version__
+        # Where attest() and last() reach QNTX's attestation store; set by Initialize.
+        self.ats_store_endpoint = ""
+        self.auth_token = ""
 
     async def apply_config(self, config: dict[str, str]) -> None:
         settings = self.base_settings.with_config(config)

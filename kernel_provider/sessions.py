@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class RunRequest:
     upstream: Any  # the decoded attestation (a dict) or None
     timeout: float
     output_limit: int
+    # Called with each nbformat output as the kernel sends it (live output streams).
+    on_output: Callable[[dict[str, Any]], None] | None = None
 
 
 def connection_file_name(glyph_id: str) -> str:
@@ -109,6 +112,7 @@ class KernelSession:
                 is_alive=manager.is_alive,
                 interrupt=manager.interrupt_kernel,
                 request_metadata={"upstream": request.upstream},
+                on_output=request.on_output,
             )
         except KernelDied as died:
             log.warning("kernel of glyph %r died mid-run; starting a fresh one", self.glyph_id)
