@@ -134,9 +134,7 @@ def read_port(process: subprocess.Popen[str]) -> int:
     ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
     line = process.stdout.readline() if ready else ""
     if not line.startswith(PORT_LINE_PREFIX):
-        raise RuntimeError(
-            f"the plugin did not announce its port (got {line!r}, exit status {process.poll()})"
-        )
+        raise RuntimeError(f"the plugin did not announce its port (got {line!r}, exit status {process.poll()})")
     return int(line[len(PORT_LINE_PREFIX) :])
 
 
@@ -223,15 +221,10 @@ def percentiles(times: list[float]) -> tuple[float, float]:
     return cuts[49], cuts[98]
 
 
-def report(
-    kernel: str, runs: int, base_times: list[float], prov_times: list[float], hop_times: list[float]
-) -> None:
+def report(kernel: str, runs: int, base_times: list[float], prov_times: list[float], hop_times: list[float]) -> None:
     base_p50, base_p99 = percentiles(base_times)
     prov_p50, prov_p99 = percentiles(prov_times)
-    print(
-        f"execute latency of {CODE!r}, kernelspec {kernel!r}, "
-        f"{runs} calls each (after {WARMUP_CALLS} warm-up)"
-    )
+    print(f"execute latency of {CODE!r}, kernelspec {kernel!r}, {runs} calls each (after {WARMUP_CALLS} warm-up)")
     print(f"{'':<22}{'p50 ms':>9}{'p99 ms':>9}")
     print(f"{'jupyter_client':<22}{base_p50:>9.3f}{base_p99:>9.3f}")
     print(f"{'provider (gRPC)':<22}{prov_p50:>9.3f}{prov_p99:>9.3f}")

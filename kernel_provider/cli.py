@@ -67,9 +67,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="plugin name reported in Metadata (default: from the executable's name qntx-NAME-plugin)",
     )
     parser.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
-    parser.add_argument(
-        "--kernel", default=DEFAULT_KERNEL, help="kernelspec every glyph kernel is started from"
-    )
+    parser.add_argument("--kernel", default=DEFAULT_KERNEL, help="kernelspec every glyph kernel is started from")
     parser.add_argument(
         "--execute-timeout",
         type=_argument_type(parse_timeout, "--execute-timeout"),
@@ -129,18 +127,14 @@ def run_server(settings: Settings) -> int:
 
 def plugin_main(argv: list[str] | None = None) -> int:
     """Entry point QNTX launches: `qntx-NAME-plugin --port N [args]`."""
-    parser = argparse.ArgumentParser(
-        prog=Path(sys.argv[0]).name, description="QNTX Python provider on Jupyter kernels"
-    )
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description="QNTX Python provider on Jupyter kernels")
     add_server_flags(parser)
     args = parser.parse_args(argv)
     return run_server(settings_from_args(args, sys.argv[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kernel-provider", description="QNTX Python provider on Jupyter kernels"
-    )
+    parser = argparse.ArgumentParser(prog="kernel-provider", description="QNTX Python provider on Jupyter kernels")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve_parser = commands.add_parser("serve", help="run the plugin server, as QNTX would launch it")
@@ -148,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_parser = commands.add_parser("run", help="run code on a provider and print what it said")
     run_parser.add_argument("code", help="Python source to run ('-' reads it from standard input)")
-    run_parser.add_argument(
-        "--glyph", default="", help="glyph id (its kernel and state persist on the provider)"
-    )
+    run_parser.add_argument("--glyph", default="", help="glyph id (its kernel and state persist on the provider)")
     run_parser.add_argument(
         "--target", type=_host_port, help="HOST:PORT of a running provider (default: start one for this call)"
     )

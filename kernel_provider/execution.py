@@ -53,6 +53,8 @@ class RunOutcome:
     execution_count: int | None
     timed_out: bool
     dropped_bytes: int
+    # What the kernel answered for each requested user expression (Jupyter's mime-bundle form).
+    user_expressions: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,21 +92,26 @@ class OutputCollector:
             self._clear()
         output = output_from_msg(msg_type, content)
         if msg_type == "stream":
-            self._add_stream(output)
+            text = self._add_stream(output)
+            # A chunk of its own: the kept output may be merged with later chunks.
+            live = {"output_type": "stream", "name": output["name"], "text": text} if text else None
         else:
-            self._add_rich(output, content.get("transient", {}).get("display_id"))
-        if self.on_output is not None:
-            self.on_output(output)
+            kept = self._add_rich(output, content.get("transient", {}).get("display_id"))
+            live = output if kept else None
+        # Live listeners get what the run keeps, so they too stay within the output limit.
+        if self.on_output is not None and live is not None:
+            self.on_output(live)
 
     def _clear(self) -> None:
         self.outputs.clear()
         self._display_index.clear()
         self._clear_before_next = False
 
-    def _add_stream(self, output: dict[str, Any]) -> None:
+    def _add_stream(self, output: dict[str, Any]) -> str:
+        """Add a stream chunk; returns the part of its text that was kept."""
         text = self._take_text(output["text"])
         if not text:
-            return
+            return text
         last = self.outputs[-1] if self.outputs else None
         # Consecutive chunks of one stream become one output, as Jupyter front ends show them.
         if last is not None and last["output_type"] == "stream" and last["name"] == output["name"]:
@@ -112,19 +119,19 @@ class OutputCollector:
         else:
             output["text"] = text
             self.outputs.append(output)
+        return text
 
-    def _add_rich(self, output: dict[str, Any], display_id: str | None) -> None:
-        size = _bundle_size(output.get("data", {})) + sum(
-            len(line.encode()) for line in output.get("traceback", [])
-        )
+    def _add_rich(self, output: dict[str, Any], display_id: str | None) -> bool:
+        size = _bundle_size(output.get("data", {})) + sum(len(line.encode()) for line in output.get("traceback", []))
         # An error is always kept: losing why a run failed is worse than a few bytes over.
         if output["output_type"] != "error" and self.used_bytes + size > self.limit:
             self.dropped_bytes += size
-            return
+            return False
         self.used_bytes += size
         if display_id:
             self._display_index.setdefault(display_id, []).append(len(self.outputs))
         self.outputs.append(output)
+        return True
 
     def _update_display(self, content: dict[str, Any]) -> None:
         display_id = content.get("transient", {}).get("display_id")
@@ -198,18 +205,21 @@ async def run_code(
     interrupt: Callable[[], Awaitable[None]],
     request_metadata: dict[str, Any] | None = None,
     on_output: Callable[[dict[str, Any]], None] | None = None,
+    silent: bool = False,
+    user_expressions: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Execute ``code`` and wait for its outputs, at most ``timeout`` seconds.
 
     On timeout the kernel is interrupted and the outputs up to then are kept
-    (``timed_out`` is set). Raises KernelDied when the kernel process goes away,
+    (``timed_out`` is set). A ``silent`` run leaves no trace in the kernel's history
+    or execution count. Raises KernelDied when the kernel process goes away,
     and InterruptFailed when an interrupt does not return it to idle in time.
     """
     content = {
         "code": code,
-        "silent": False,
-        "store_history": True,
-        "user_expressions": {},
+        "silent": silent,
+        "store_history": not silent,
+        "user_expressions": user_expressions or {},
         # input() must fail at once instead of waiting for a person who is not there.
         "allow_stdin": False,
         # An error of ours must not abort what another attached client has queued.
@@ -264,7 +274,8 @@ async def run_code(
     while True:
         reply = await next_message(client.get_shell_msg)
         if reply is not None:
-            execution_count = reply["content"].get("execution_count", execution_count)
+            if not silent:
+                execution_count = reply["content"].get("execution_count", execution_count)
             break
 
     return RunOutcome(
@@ -272,6 +283,7 @@ async def run_code(
         execution_count=execution_count,
         timed_out=timed_out,
         dropped_bytes=collector.dropped_bytes,
+        user_expressions=reply["content"].get("user_expressions") or {},
     )
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+from contextlib import aclosing
 
 import grpc
 
+from kernel_provider import http
 from kernel_provider.config import CONFIG_FIELDS, ConfigError
+from kernel_provider.jobs import execute_job, handler_names
+from kernel_provider.live import serve_websocket
 from kernel_provider.proto import domain_pb2, domain_pb2_grpc
 from kernel_provider.provider import Provider
 
@@ -48,7 +51,14 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
             settings.execute_timeout,
             settings.max_output_bytes,
         )
-        return domain_pb2.InitializeResponse(python_provider=True)
+        return domain_pb2.InitializeResponse(
+            python_provider=True,
+            handler_names=handler_names(self.provider),
+            http_routes=[
+                domain_pb2.RouteInfo(method=route.method, path=route.path, description=route.description)
+                for route in http.ROUTES
+            ],
+        )
 
     async def Shutdown(self, request, context):
         await self.provider.sessions.shutdown()
@@ -91,24 +101,18 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this plugin does not parse Ax queries.")
 
     async def HandleHTTP(self, request, context):
-        body = json.dumps({"error": f"no route {request.method} {request.path.split('?', 1)[0]}"}).encode()
+        answer = await http.dispatch(self.provider, request.method, request.path, request.body)
         return domain_pb2.HTTPResponse(
-            status_code=404,
-            headers=[domain_pb2.HTTPHeader(name="Content-Type", values=["application/json"])],
-            body=body,
+            status_code=answer.status,
+            headers=[domain_pb2.HTTPHeader(name=name, values=[value]) for name, value in answer.headers.items()],
+            body=answer.body,
         )
 
     async def ExecuteJob(self, request, context):
-        return domain_pb2.ExecuteJobResponse(
-            success=False,
-            error=f"unknown job handler {request.handler_name!r}: this plugin registers no job handlers.",
-            plugin_version=self.provider.version,
-        )
+        return await execute_job(self.provider, request)
 
     async def HandleWebSocket(self, request_iterator, context):
-        Type = domain_pb2.WebSocketMessage.Type
-        async for message in request_iterator:
-            if message.type == Type.PING:
-                yield domain_pb2.WebSocketMessage(type=Type.PONG, timestamp=message.timestamp)
-            elif message.type == Type.CLOSE:
-                return
+        # PING/PONG, CLOSE, and live runs of the code in DATA messages: see kernel_provider/live.py.
+        async with aclosing(serve_websocket(self.provider, request_iterator, context)) as replies:
+            async for reply in replies:
+                yield reply

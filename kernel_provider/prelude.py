@@ -2,15 +2,18 @@
 
 This file is sent to the kernel as source text and never imported by the
 provider, so it may use only the standard library and IPython: the kernelspec
-can be any Python that has ipykernel. It makes ``__glyph_id__`` name the glyph
-and ``upstream`` hold the attestation that QNTX sent with each run.
+can be any Python that has ipykernel. It makes ``__glyph_id__`` name the glyph,
+``upstream`` hold the attestation that QNTX sent with each run, and defines
+``attest``, ``last`` and ``AttestationError``, which reach QNTX's attestation store
+through the provider (kernel_provider/attestations.py).
 """
 
 
-def _kernel_provider_setup(glyph_id):
+def _kernel_provider_setup(glyph_id, callback_port=None, token=None):
     ip = get_ipython()  # noqa: F821 - defined inside an IPython kernel
     ip.user_ns["__glyph_id__"] = glyph_id
     ip.user_ns["upstream"] = None
+    ip.user_ns.update(_attestation_functions(callback_port, token))
 
     def set_upstream(info):
         # Only the provider's own requests carry this metadata: a person attached
@@ -22,3 +25,124 @@ def _kernel_provider_setup(glyph_id):
             ip.user_ns["upstream"] = request.get("upstream")
 
     ip.events.register("pre_run_cell", set_upstream)
+
+
+def _attestation_functions(callback_port, token):
+    """attest(), last() and AttestationError, speaking JSON lines to the provider on 127.0.0.1.
+
+    The token stays in these closures rather than the namespace, so that it does not show
+    up in the glyph's variables; it names this kernel's glyph to the provider.
+    """
+    import json
+    import math
+    import socket
+
+    # Under the provider's 1 MB line limit, so that we can say what is wrong before sending.
+    max_request_bytes = 1_000_000
+    # The provider gives the store 10 s; the rest is margin for the hop itself.
+    reply_timeout = 30
+    max_exact_int = 2**53  # the store keeps numbers as doubles
+    max_depth = 100
+
+    class AttestationError(Exception):
+        """attest() or last() failed: no attestation store, the store said no, or it is unreachable."""
+
+    AttestationError.__qualname__ = "AttestationError"  # not "_attestation_functions.<locals>...."
+
+    # __tracebackhide__: IPython leaves these frames out of the glyph's traceback, which
+    # then ends at the glyph's own call.
+    def strings(name, value, required):
+        __tracebackhide__ = True
+        if value is None and not required:
+            return []
+        if isinstance(value, str):
+            raise TypeError(f"{name} must be a list of strings, such as [{value!r}], not a bare string.")
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list of strings, not {type(value).__name__}.")
+        for item in value:
+            if not isinstance(item, str):
+                raise TypeError(f"{name} must hold only strings; {item!r} is a {type(item).__name__}.")
+        if required and not value:
+            raise ValueError(f"{name} must name at least one.")
+        return list(value)
+
+    def check_json(value, where, depth=0):
+        __tracebackhide__ = True
+        # json.dumps would quietly turn 1 into "1" as a key and a tuple into a list; say so instead.
+        if depth > max_depth:
+            raise ValueError(f"attributes are nested more than {max_depth} levels deep (a cycle?) at {where}.")
+        if value is None or isinstance(value, (str, bool)):
+            return
+        if isinstance(value, int):
+            if abs(value) > max_exact_int:
+                raise ValueError(
+                    f"{where} = {value} is too large to be stored exactly (the store keeps numbers "
+                    "as 64-bit floats); store it as a string."
+                )
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"{where} = {value} cannot be stored: JSON has no NaN or infinity.")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{where} has the key {key!r}; attribute keys must be strings.")
+                check_json(item, f"{where}[{key!r}]", depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                check_json(item, f"{where}[{index}]", depth + 1)
+        else:
+            raise TypeError(f"{where} is a {type(value).__name__}, which is not JSON-serialisable.")
+
+    def call(method, params):
+        __tracebackhide__ = True
+        if not callback_port:
+            raise AttestationError("this kernel was started without a connection to the kernel provider.")
+        request = (json.dumps({"token": token, "method": method, "params": params}) + "\n").encode()
+        if len(request) > max_request_bytes:
+            raise ValueError(f"the request is {len(request)} bytes; the limit is {max_request_bytes}.")
+        try:
+            with socket.create_connection(("127.0.0.1", callback_port), timeout=reply_timeout) as conn:
+                conn.sendall(request)
+                with conn.makefile("rb") as replies:
+                    reply = replies.readline()
+        except OSError as exc:
+            raise AttestationError(f"could not reach the kernel provider: {exc}") from None
+        try:
+            answer = json.loads(reply)
+        except ValueError:
+            raise AttestationError("the kernel provider gave no answer (is it shutting down?).") from None
+        if not answer.get("ok"):
+            raise AttestationError(answer.get("error") or "the kernel provider gave no reason.")
+        return answer.get("result")
+
+    def attest(subjects, predicates, contexts, actors=None, attributes=None):
+        """Record that subjects have predicates in contexts; return the stored attestation as a dict.
+
+        actors defaults to this glyph (glyph:<id>); attributes is a JSON-serialisable dict.
+        """
+        __tracebackhide__ = True
+        params = {
+            "subjects": strings("subjects", subjects, True),
+            "predicates": strings("predicates", predicates, True),
+            "contexts": strings("contexts", contexts, False),
+            "actors": strings("actors", actors, False),
+        }
+        if attributes is not None:
+            if not isinstance(attributes, dict):
+                raise TypeError(f"attributes must be a dict, not {type(attributes).__name__}.")
+            check_json(attributes, "attributes")
+            params["attributes"] = attributes
+        return call("attest", params)
+
+    def last(subjects=None, predicates=None, contexts=None, actors=None):
+        """The newest attestation matching every given list (any of its items), as a dict, or None."""
+        __tracebackhide__ = True
+        params = {
+            "subjects": strings("subjects", subjects, False),
+            "predicates": strings("predicates", predicates, False),
+            "contexts": strings("contexts", contexts, False),
+            "actors": strings("actors", actors, False),
+        }
+        return call("last", params)
+
+    return {"attest": attest, "last": last, "AttestationError": AttestationError}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from kernel_provider.attestations import CallbackServer
 from kernel_provider.config import ConfigError, Settings
-from kernel_provider.sessions import SessionManager
+from kernel_provider.sessions import RunRequest, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ class Provider:
         # that a later Initialize leaves out goes back to the flag's value.
         self.base_settings = settings
         self.settings = settings
-        self.sessions = SessionManager(settings)
+        # Serves the attest() and last() of every glyph kernel; see attestations.py.
+        self.callbacks = CallbackServer(self)
+        self.sessions = SessionManager(settings, self.callbacks)
         self.stopping = asyncio.Event()
         self.version = __version__
         # Where attest() and last() reach QNTX's attestation store; set by Initialize.
@@ -51,6 +55,16 @@ class Provider:
         check_kernelspec(settings.kernel)
         self.settings = settings
         await self.sessions.reconfigure(settings)
+
+    def run_request(self, code: str, upstream: Any, timeout: float | None = None, **extra: Any) -> RunRequest:
+        """A run with this provider's limits; a request's own ``timeout`` replaces the configured one."""
+        return RunRequest(
+            code=code,
+            upstream=upstream,
+            timeout=timeout if timeout is not None else self.settings.execute_timeout,
+            output_limit=self.settings.max_output_bytes,
+            **extra,
+        )
 
     def request_stop(self) -> None:
         self.stopping.set()

@@ -1,10 +1,13 @@
-"""PythonService: the gRPC face of a glyph run (ADR-022's Execute)."""
+"""PythonService: the gRPC face of a glyph run (ADR-022's Execute, and ExecuteStream)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import unicodedata
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -13,7 +16,7 @@ from kernel_provider.config import GRPC_MESSAGE_LIMIT
 from kernel_provider.proto import python_pb2, python_pb2_grpc
 from kernel_provider.provider import Provider
 from kernel_provider.results import ExecutionResult
-from kernel_provider.sessions import ProviderClosing, RunRequest
+from kernel_provider.sessions import ProviderClosing, RunRequest, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,7 @@ class BadRequest(ValueError):
 
 def validate_glyph_id(glyph_id: str) -> str:
     if len(glyph_id) > MAX_GLYPH_ID_LENGTH:
-        raise BadRequest(
-            f"glyph_id is {len(glyph_id)} characters long; at most {MAX_GLYPH_ID_LENGTH} are allowed."
-        )
+        raise BadRequest(f"glyph_id is {len(glyph_id)} characters long; at most {MAX_GLYPH_ID_LENGTH} are allowed.")
     if any(unicodedata.category(ch) == "Cc" for ch in glyph_id):
         raise BadRequest("glyph_id must not contain control characters.")
     return glyph_id
@@ -59,6 +60,34 @@ def decode_upstream(raw: bytes) -> Any:
     return value
 
 
+def parse_request(glyph_id: str, code: str, upstream: bytes) -> tuple[str, str, Any]:
+    """(glyph_id, code, decoded upstream) of a run request; raises BadRequest. Every entry point uses it."""
+    return validate_glyph_id(glyph_id), validate_code(code), decode_upstream(upstream)
+
+
+async def stream_run(
+    sessions: SessionManager, glyph_id: str, run: RunRequest
+) -> AsyncIterator[bytes | ExecutionResult]:
+    """Run, yielding each output as UTF-8 JSON as the kernel sends it, then the ExecutionResult.
+
+    Raises ProviderClosing like SessionManager.execute. Closing this iterator before
+    the end (or cancelling its consumer) interrupts the run; the glyph keeps its kernel.
+    """
+    events: asyncio.Queue[bytes | None] = asyncio.Queue()
+    # Serialized at once: the collector may still change an output it keeps (display updates).
+    run.on_output = lambda output: events.put_nowait(json.dumps(output, ensure_ascii=False).encode("utf-8", "replace"))
+    task = asyncio.ensure_future(sessions.execute(glyph_id, run))
+    # Queued after every output, since the run only ends once the kernel is idle.
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    try:
+        while (event := await events.get()) is not None:
+            yield event
+        yield task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
     """Build the wire answer, keeping it under gRPC's 4 MB default whatever the kernel printed."""
     response = python_pb2.PythonExecuteResponse(
@@ -74,9 +103,7 @@ def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
         return response
     # Only text that escapes badly in JSON (control characters) gets here: drop the
     # duplicate copy of the outputs from `result` rather than the answer itself.
-    log.warning(
-        "answer of %d bytes is over the gRPC limit; leaving the outputs out of result", response.ByteSize()
-    )
+    log.warning("answer of %d bytes is over the gRPC limit; leaving the outputs out of result", response.ByteSize())
     result.outputs = [
         {
             "output_type": "stream",
@@ -111,9 +138,7 @@ class PythonServicer(python_pb2_grpc.PythonServiceServicer):
 
     async def Execute(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
         try:
-            glyph_id = validate_glyph_id(request.glyph_id)
-            code = validate_code(request.code)
-            upstream = decode_upstream(request.upstream_attestation)
+            glyph_id, code, upstream = parse_request(request.glyph_id, request.code, request.upstream_attestation)
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         run = RunRequest(
@@ -127,3 +152,25 @@ class PythonServicer(python_pb2_grpc.PythonServiceServicer):
         except ProviderClosing as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again once it is back.")
         return to_response(result)
+
+    async def ExecuteStream(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
+        """Execute, answered as it goes: one event per output, then `done` with Execute's answer."""
+        try:
+            glyph_id, code, upstream = parse_request(request.glyph_id, request.code, request.upstream_attestation)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        run = RunRequest(
+            code=code,
+            upstream=upstream,
+            timeout=run_timeout(self.provider, context),
+            output_limit=self.provider.settings.max_output_bytes,
+        )
+        try:
+            async with aclosing(stream_run(self.provider.sessions, glyph_id, run)) as events:
+                async for event in events:
+                    if isinstance(event, ExecutionResult):
+                        yield python_pb2.PythonExecuteEvent(done=to_response(event))
+                    else:
+                        yield python_pb2.PythonExecuteEvent(output=event)
+        except ProviderClosing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again once it is back.")

@@ -8,10 +8,12 @@ import signal
 import sys
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from kernel_provider.config import Settings
 from kernel_provider.plugin import DomainPluginServicer
-from kernel_provider.proto import domain_pb2_grpc, python_pb2_grpc
+from kernel_provider.proto import domain_pb2, domain_pb2_grpc, python_pb2, python_pb2_grpc
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import PythonServicer
 
@@ -57,20 +59,31 @@ async def serve(settings: Settings) -> int:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     domain_pb2_grpc.add_DomainPluginServiceServicer_to_server(DomainPluginServicer(provider), server)
     python_pb2_grpc.add_PythonServiceServicer_to_server(PythonServicer(provider), server)
+    # The standard grpc.health.v1 service beside QNTX's own Health, and reflection so
+    # that grpcurl-style tools can list and call our services.
+    service_names = [
+        domain_pb2.DESCRIPTOR.services_by_name["DomainPluginService"].full_name,
+        python_pb2.DESCRIPTOR.services_by_name["PythonService"].full_name,
+    ]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = bind(server, settings.host, settings.port)
     await server.start()
+    # The kernelspec was checked before we got here, so kernels can start: we serve.
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, provider.request_stop)
-    log.info(
-        "plugin %r serving on %s:%d with kernelspec %s", settings.name, settings.host, port, settings.kernel
-    )
+    log.info("plugin %r serving on %s:%d with kernelspec %s", settings.name, settings.host, port, settings.kernel)
     announce(port)
     await provider.stopping.wait()
     # Refuse new runs, give the ones under way a moment to finish (then gRPC cancels
     # them), and only then stop the kernels, so that no run sees its kernel vanish.
     log.info("stopping: finishing runs under way, then shutting down every kernel")
     provider.sessions.close()
+    await health_servicer.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
     await server.stop(GRACE_SECONDS)
     await provider.sessions.shutdown()
     log.info("stopped")

@@ -12,21 +12,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import queue
 import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_client import AsyncKernelManager
 from jupyter_client.asynchronous import AsyncKernelClient
 
 from kernel_provider import prelude
 from kernel_provider.config import Settings, ensure_private_dir
-from kernel_provider.execution import InterruptFailed, KernelDied, run_code, run_silently
+from kernel_provider.execution import (
+    INTERRUPT_GRACE_SECONDS,
+    InterruptFailed,
+    KernelDied,
+    run_code,
+    run_silently,
+)
 from kernel_provider.results import ExecutionResult
+
+if TYPE_CHECKING:
+    from kernel_provider.attestations import CallbackServer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,9 @@ class RunRequest:
     output_limit: int
     # Called with each nbformat output as the kernel sends it (live output streams).
     on_output: Callable[[dict[str, Any]], None] | None = None
+    # A silent run leaves no trace in the kernel's history (used to evaluate expressions).
+    silent: bool = False
+    user_expressions: dict[str, str] | None = None
 
 
 def connection_file_name(glyph_id: str) -> str:
@@ -62,13 +76,18 @@ def connection_file_name(glyph_id: str) -> str:
 class KernelSession:
     """One glyph's kernel, started on first use and kept alive between runs."""
 
-    def __init__(self, glyph_id: str, kernel_name: str, connection_dir: Path):
+    def __init__(self, glyph_id: str, kernel_name: str, connection_dir: Path, callbacks: CallbackServer | None = None):
         self.glyph_id = glyph_id
+        # Where the kernel's attest() and last() call back; its token names this glyph.
+        self.callbacks = callbacks
+        self._callback_token: str | None = None
         self.kernel_name = kernel_name
         self.connection_dir = connection_dir
         self.lock = asyncio.Lock()
         self.last_activity = time.time()
         self.busy = False
+        self.execution_count = 0
+        self.kernel_id: str | None = None
         self.manager: AsyncKernelManager | None = None
         self.client: AsyncKernelClient | None = None
         # A kernel start runs as its own task, shielded from the run that asked for it:
@@ -78,25 +97,48 @@ class KernelSession:
         self.connection_file = connection_dir / name
 
     async def run(self, request: RunRequest) -> ExecutionResult:
+        result, _ = await self.run_with_expressions(request)
+        return result
+
+    async def run_with_expressions(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
+        """Run, and also return the kernel's answers to ``request.user_expressions``."""
+        # The run holds the glyph's lock in a task of its own, so a caller that goes away
+        # (a cancelled stream or call) cannot release the lock before the kernel is back
+        # at rest: cancelling the caller cancels the task, which winds the kernel down.
+        task = asyncio.ensure_future(self._run_serialized(request))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    async def _run_serialized(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
         async with self.lock:
             self.busy = True
             try:
                 return await self._run_locked(request)
+            except asyncio.CancelledError:
+                # A kernel start goes on without the cancelled run; the lock stays held until
+                # it ends, or the glyph's next run would start a second kernel beside it.
+                if self._starting is not None and not self._starting.done():
+                    await asyncio.gather(self._starting, return_exceptions=True)
+                raise
             finally:
                 self.busy = False
                 self.last_activity = time.time()
 
-    async def _run_locked(self, request: RunRequest) -> ExecutionResult:
+    async def _run_locked(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
         started = time.perf_counter()
         if self.manager is None:
             try:
                 await self._start_shielded()
             except Exception as exc:
                 log.exception("could not start kernel %s for glyph %r", self.kernel_name, self.glyph_id)
-                return ExecutionResult.failed(
+                failed = ExecutionResult.failed(
                     f"KernelStartError: could not start a {self.kernel_name!r} kernel: {exc}",
                     duration_ms=(time.perf_counter() - started) * 1000,
                 )
+                return failed, {}
         assert self.manager is not None and self.client is not None
         manager = self.manager
 
@@ -113,27 +155,35 @@ class KernelSession:
                 interrupt=manager.interrupt_kernel,
                 request_metadata={"upstream": request.upstream},
                 on_output=request.on_output,
+                silent=request.silent,
+                user_expressions=request.user_expressions,
             )
+        except asyncio.CancelledError:
+            # run_code sends its request before it first waits: the code is on the kernel.
+            await self._interrupt_abandoned_run(manager)
+            raise
         except KernelDied as died:
             log.warning("kernel of glyph %r died mid-run; starting a fresh one", self.glyph_id)
             await self._replace_kernel()
-            return ExecutionResult.from_outputs(
+            result = ExecutionResult.from_outputs(
                 died.outputs,
                 execution_count=None,
                 duration_ms=elapsed_ms(),
                 failure="KernelDied: the kernel died while running this code and was restarted; "
                 "the glyph's variables were lost.",
             )
+            return result, {}
         except InterruptFailed as stuck:
             log.warning("kernel of glyph %r ignored an interrupt; restarting it", self.glyph_id)
             await self._replace_kernel()
-            return ExecutionResult.from_outputs(
+            result = ExecutionResult.from_outputs(
                 stuck.outputs,
                 execution_count=None,
                 duration_ms=elapsed_ms(),
                 failure=f"TimeoutError: execution timed out after {request.timeout:g} seconds and the "
                 "kernel did not respond to an interrupt, so it was restarted; the glyph's state was lost.",
             )
+            return result, {}
 
         failure = None
         if outcome.timed_out:
@@ -141,12 +191,48 @@ class KernelSession:
                 f"TimeoutError: execution timed out after {request.timeout:g} seconds; the run was "
                 "interrupted and the glyph kept its kernel and state."
             )
-        return ExecutionResult.from_outputs(
+        result = ExecutionResult.from_outputs(
             outcome.outputs,
             execution_count=outcome.execution_count,
             duration_ms=elapsed_ms(),
             failure=failure,
         )
+        if outcome.execution_count is not None:
+            self.execution_count = outcome.execution_count
+        return result, outcome.user_expressions
+
+    async def _interrupt_abandoned_run(self, manager: AsyncKernelManager) -> None:
+        """Stop the code of a run whose caller went away and wait until the kernel is idle.
+
+        Called with the lock held. A silent empty request queued behind the abandoned
+        one is answered only once the kernel is done with it; an interrupt that lands
+        before the code started is ignored by the kernel, hence one more each second. A
+        kernel not idle within INTERRUPT_GRACE_SECONDS is stopped (the glyph's next run
+        starts a fresh one) rather than left running code nobody waits for.
+        """
+        client = self.client
+        if client is None or self.manager is not manager:
+            return  # stopped meanwhile (shutdown)
+        try:
+            await manager.interrupt_kernel()
+            drain_id = client.execute("", silent=True, store_history=False, allow_stdin=False)
+            deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    reply = await client.get_shell_msg(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    if not await manager.is_alive():
+                        break
+                    await manager.interrupt_kernel()
+                    continue
+                if reply.get("parent_header", {}).get("msg_id") == drain_id:
+                    log.info("interrupted the run of glyph %r: its caller went away", self.glyph_id)
+                    return
+        except Exception:
+            log.exception("interrupting the abandoned run of glyph %r failed", self.glyph_id)
+        if self.manager is manager:
+            log.warning("kernel of glyph %r did not come back after an interrupt; stopping it", self.glyph_id)
+            await self._stop()
 
     async def _start(self) -> None:
         ensure_private_dir(self.connection_dir)
@@ -154,18 +240,27 @@ class KernelSession:
         await manager.start_kernel()
         client = manager.client()
         client.start_channels()
+        port, token = 0, None
         try:
+            if self.callbacks is not None:
+                port = await self.callbacks.start()
+                token = self.callbacks.register(self.glyph_id)
             await client.wait_for_ready(timeout=KERNEL_START_TIMEOUT)
             await run_silently(
                 client,
-                f"{_PRELUDE_SOURCE}\n_kernel_provider_setup({self.glyph_id!r})\ndel _kernel_provider_setup\n",
+                f"{_PRELUDE_SOURCE}\n_kernel_provider_setup({self.glyph_id!r}, {port!r}, {token!r})\n"
+                "del _kernel_provider_setup, _attestation_functions\n",
                 timeout=KERNEL_START_TIMEOUT,
             )
         except BaseException:
+            if self.callbacks is not None:
+                self.callbacks.forget(token)
             client.stop_channels()
             await manager.shutdown_kernel(now=True)
             raise
-        self.manager, self.client = manager, client
+        self.manager, self.client, self._callback_token = manager, client, token
+        self.kernel_id = str(uuid.uuid4())
+        self.execution_count = 0
         log.info("started kernel %s for glyph %r", self.kernel_name, self.glyph_id)
 
     async def _start_shielded(self) -> None:
@@ -176,7 +271,37 @@ class KernelSession:
         await self._stop()
         await self._start_shielded()
 
+    def info(self) -> dict[str, Any]:
+        """What a person (or GET /kernels) wants to know about this glyph's kernel."""
+        if self.manager is None:
+            state = "starting" if self._starting is not None and not self._starting.done() else "stopped"
+        else:
+            state = "busy" if self.busy else "idle"
+        return {
+            "glyph_id": self.glyph_id,
+            "kernel_name": self.kernel_name,
+            "kernel_id": self.kernel_id,
+            "execution_state": state,
+            "last_activity": datetime.fromtimestamp(self.last_activity, tz=UTC).isoformat(),
+            "execution_count": self.execution_count,
+            "connection_file": str(self.connection_file) if self.manager is not None else None,
+        }
+
+    async def interrupt(self) -> None:
+        if self.manager is not None:
+            await self.manager.interrupt_kernel()
+
+    async def restart(self) -> None:
+        """A fresh kernel for this glyph; a run under way is interrupted first, so this need not wait."""
+        if self.busy:
+            await self.interrupt()
+        async with self.lock:
+            await self._replace_kernel()
+            self.last_activity = time.time()
+
     async def stop(self) -> None:
+        if self.busy:
+            await self.interrupt()
         async with self.lock:
             await self._stop()
 
@@ -185,6 +310,9 @@ class KernelSession:
             await asyncio.gather(self._starting, return_exceptions=True)
         manager, client = self.manager, self.client
         self.manager = self.client = None
+        if self.callbacks is not None:
+            self.callbacks.forget(self._callback_token)
+            self._callback_token = None
         if client is not None:
             client.stop_channels()
         if manager is not None:
@@ -199,8 +327,9 @@ class KernelSession:
 class SessionManager:
     """glyph_id -> KernelSession, plus throwaway kernels for runs without a glyph."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, callbacks: CallbackServer | None = None):
         self.settings = settings
+        self.callbacks = callbacks
         self.sessions: dict[str, KernelSession] = {}
         self._throwaway: set[KernelSession] = set()
         self._closing = False
@@ -214,15 +343,50 @@ class SessionManager:
             raise ProviderClosing("the provider is shutting down")
         if not glyph_id:
             return await self._execute_once(request)
+        return await self._session(glyph_id).run(request)
+
+    async def evaluate(self, glyph_id: str, expression: str, timeout: float) -> tuple[ExecutionResult, dict]:
+        """Evaluate one expression silently (no history entry) and return the kernel's answer bundle."""
+        if self._closing:
+            raise ProviderClosing("the provider is shutting down")
+        request = RunRequest(
+            code="",
+            upstream=None,
+            timeout=timeout,
+            output_limit=self.settings.max_output_bytes,
+            silent=True,
+            user_expressions={"value": expression},
+        )
+        session = (
+            self._session(glyph_id)
+            if glyph_id
+            else KernelSession("", self.settings.kernel, self.connection_dir, self.callbacks)
+        )
+        try:
+            result, answers = await session.run_with_expressions(request)
+        finally:
+            if not glyph_id:
+                await session.stop()
+        return result, answers.get("value", {})
+
+    def _session(self, glyph_id: str) -> KernelSession:
         session = self.sessions.get(glyph_id)
         if session is None:
-            session = KernelSession(glyph_id, self.settings.kernel, self.connection_dir)
+            session = KernelSession(glyph_id, self.settings.kernel, self.connection_dir, self.callbacks)
             self.sessions[glyph_id] = session
-        return await session.run(request)
+        return session
+
+    async def remove(self, glyph_id: str) -> bool:
+        """Stop a glyph's kernel and forget the glyph; False when there was no such glyph."""
+        session = self.sessions.pop(glyph_id, None)
+        if session is None:
+            return False
+        await session.stop()
+        return True
 
     async def _execute_once(self, request: RunRequest) -> ExecutionResult:
         """QNTX's watcher actions send no glyph: they get a kernel for this one run."""
-        session = KernelSession("", self.settings.kernel, self.connection_dir)
+        session = KernelSession("", self.settings.kernel, self.connection_dir, self.callbacks)
         self._throwaway.add(session)
         try:
             return await session.run(request)
@@ -254,3 +418,5 @@ class SessionManager:
         self.sessions.clear()
         # Stop without waiting for each glyph's lock: a run in progress is cut short.
         await asyncio.gather(*(s._stop() for s in sessions), return_exceptions=True)
+        if self.callbacks is not None:
+            await self.callbacks.close()

@@ -26,9 +26,13 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
     protos = sorted(PROTOS.glob("*.proto"))
     # Mapping protos/ onto the package path makes protoc emit imports such as
     # "from kernel_provider.proto import python_pb2", which work from anywhere.
+    # grpc_tools ships the well-known types (google/protobuf/struct.proto, ...) beside
+    # itself; protoc, unlike the protoc binary, does not add them on its own.
+    well_known = pathlib.Path(protoc.__file__).resolve().parent / "_proto"
     args = [
         "protoc",
         f"-I{PACKAGE_PATH}={PROTOS}",
+        f"-I{well_known}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
@@ -42,9 +46,7 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=ROOT, help="root to write kernel_provider/proto/ under"
-    )
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT, help="root to write kernel_provider/proto/ under")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path.relative_to(args.out), file=sys.stderr)

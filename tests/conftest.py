@@ -106,9 +106,7 @@ def launch(
     # Drain stderr in the background so a chatty provider never blocks on a full pipe.
     threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True).start()
     line = process.stdout.readline()
-    assert line.startswith("QNTX_PLUGIN_PORT="), (
-        f"no port line, got {line!r}; stderr: {''.join(stderr_lines)}"
-    )
+    assert line.startswith("QNTX_PLUGIN_PORT="), f"no port line, got {line!r}; stderr: {''.join(stderr_lines)}"
     plugin = Plugin(process, int(line.strip().split("=", 1)[1]), connection_dir, stderr_lines)
     if initialize:
         plugin.domain.Metadata(domain_pb2.Empty(), timeout=LAUNCH_TIMEOUT)

@@ -12,9 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_committed_stubs_match_the_protos(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", str(tmp_path)], check=True
-    )
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", str(tmp_path)], check=True)
     generated = {p.name: p.read_bytes() for p in (tmp_path / "kernel_provider" / "proto").glob("*_pb2*")}
     committed = {p.name: p.read_bytes() for p in (ROOT / "kernel_provider" / "proto").glob("*_pb2*")}
     assert generated, "the script generated nothing"
@@ -40,7 +38,7 @@ def test_wire_numbers_match_the_qntx_contract():
             *python_pb2.DESCRIPTOR.services_by_name.values(),
         ]
     }
-    assert services["protocol.PythonService"] == ["Execute"]
+    assert services["protocol.PythonService"] == ["Execute", "ExecuteStream"]
     assert services["protocol.DomainPluginService"] == [
         "Metadata",
         "Initialize",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"kernel_provider/proto/python.proto\x12\x08protocol\"T\n\x14PythonExecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08glyph_id\x18\x02 \x01(\t\x12\x1c\n\x14upstream_attestation\x18\x03 \x01(\x0c\"W\n\x15PythonExecuteResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\x0c\x32[\n\rPythonService\x12J\n\x07\x45xecute\x12\x1e.protocol.PythonExecuteRequest\x1a\x1f.protocol.PythonExecuteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"kernel_provider/proto/python.proto\x12\x08protocol\"T\n\x14PythonExecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08glyph_id\x18\x02 \x01(\t\x12\x1c\n\x14upstream_attestation\x18\x03 \x01(\x0c\"W\n\x15PythonExecuteResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\x0c\"`\n\x12PythonExecuteEvent\x12\x10\n\x06output\x18\x01 \x01(\x0cH\x00\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1f.protocol.PythonExecuteResponseH\x00\x42\x07\n\x05\x65vent2\xac\x01\n\rPythonService\x12J\n\x07\x45xecute\x12\x1e.protocol.PythonExecuteRequest\x1a\x1f.protocol.PythonExecuteResponse\x12O\n\rExecuteStream\x12\x1e.protocol.PythonExecuteRequest\x1a\x1c.protocol.PythonExecuteEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PYTHONEXECUTEREQUEST']._serialized_end=132
   _globals['_PYTHONEXECUTERESPONSE']._serialized_start=134
   _globals['_PYTHONEXECUTERESPONSE']._serialized_end=221
-  _globals['_PYTHONSERVICE']._serialized_start=223
-  _globals['_PYTHONSERVICE']._serialized_end=314
+  _globals['_PYTHONEXECUTEEVENT']._serialized_start=223
+  _globals['_PYTHONEXECUTEEVENT']._serialized_end=319
+  _globals['_PYTHONSERVICE']._serialized_start=322
+  _globals['_PYTHONSERVICE']._serialized_end=494
 # @@protoc_insertion_point(module_scope)

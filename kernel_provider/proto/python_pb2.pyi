@@ -1,6 +1,7 @@
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -25,3 +26,11 @@ class PythonExecuteResponse(_message.Message):
     error: str
     result: bytes
     def __init__(self, success: _Optional[bool] = ..., output: _Optional[str] = ..., error: _Optional[str] = ..., result: _Optional[bytes] = ...) -> None: ...
+
+class PythonExecuteEvent(_message.Message):
+    __slots__ = ("output", "done")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    output: bytes
+    done: PythonExecuteResponse
+    def __init__(self, output: _Optional[bytes] = ..., done: _Optional[_Union[PythonExecuteResponse, _Mapping]] = ...) -> None: ...

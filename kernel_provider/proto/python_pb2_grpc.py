@@ -39,6 +39,11 @@ class PythonServiceStub:
                 request_serializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteRequest.SerializeToString,
                 response_deserializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.unary_stream(
+                '/protocol.PythonService/ExecuteStream',
+                request_serializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteRequest.SerializeToString,
+                response_deserializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteEvent.FromString,
+                _registered_method=True)
 
 
 class PythonServiceServicer:
@@ -50,6 +55,14 @@ class PythonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request, context):
+        """Not called by QNTX: the same run as Execute, answered while it goes on. A client
+        that cancels the stream interrupts the run; the glyph keeps its kernel and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PythonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_PythonServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteRequest.FromString,
                     response_serializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteRequest.FromString,
+                    response_serializer=kernel__provider_dot_proto_dot_python__pb2.PythonExecuteEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class PythonService:
             '/protocol.PythonService/Execute',
             kernel__provider_dot_proto_dot_python__pb2.PythonExecuteRequest.SerializeToString,
             kernel__provider_dot_proto_dot_python__pb2.PythonExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/protocol.PythonService/ExecuteStream',
+            kernel__provider_dot_proto_dot_python__pb2.PythonExecuteRequest.SerializeToString,
+            kernel__provider_dot_proto_dot_python__pb2.PythonExecuteEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,304 @@
+"""The plugin's HTTP routes, which QNTX's frontend reaches through HandleHTTP.
+
+Paths are relative to the plugin root (/api/NAME); a `?query` is ignored. Every
+answer is JSON with a Content-Type header; bad input gets a 4xx and a sentence.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import logging
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+from urllib.parse import unquote
+
+from jupyter_client.kernelspec import KernelSpecManager
+
+from kernel_provider.provider import Provider
+from kernel_provider.python_service import BadRequest, decode_upstream, validate_code, validate_glyph_id
+from kernel_provider.sessions import ProviderClosing
+
+log = logging.getLogger(__name__)
+
+MAX_TIMEOUT_SECONDS = 86_400
+
+# A route handler gets the provider, the path's named parts and the parsed JSON body,
+# and answers (status, JSON-able payload).
+Params = dict[str, str]
+Body = dict[str, Any]
+Reply = tuple[int, Any]
+Handler = Callable[[Provider, Params, Body], Awaitable[Reply]]
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # as announced in http_routes, e.g. /kernels/{glyph_id}
+    description: str
+    handler: Handler
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path) + "$")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace")
+    return Response(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
+
+
+# --- request parsing -------------------------------------------------------------------------
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPError(400, f"the request body is not valid JSON ({exc}).") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "the request body must be a JSON object.")
+    return value
+
+
+def optional_string(body: dict[str, Any], key: str) -> str:
+    value = body.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{key} must be a string.")
+    return value
+
+
+def glyph_from(body: dict[str, Any]) -> str:
+    try:
+        return validate_glyph_id(optional_string(body, "glyph_id"))
+    except BadRequest as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def upstream_from(body: dict[str, Any]) -> Any:
+    """An attestation given as a JSON object, or as a string holding one."""
+    value = body.get("upstream_attestation", body.get("upstream"))
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            return decode_upstream(value.encode("utf-8", "replace"))
+        except BadRequest as exc:
+            raise HTTPError(400, str(exc)) from None
+    raise HTTPError(400, "upstream_attestation must be a JSON object.")
+
+
+def timeout_from(body: dict[str, Any]) -> float | None:
+    value = body.get("timeout_secs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_TIMEOUT_SECONDS:
+        raise HTTPError(400, f"timeout_secs must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS}.")
+    return float(value)
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+async def execute(provider: Provider, params: Params, body: Body) -> Reply:
+    code = body.get("content", body.get("code"))
+    if not isinstance(code, str):
+        raise HTTPError(400, "send the Python source to run as `content` or `code` (a string).")
+    try:
+        validate_code(code)
+    except BadRequest as exc:
+        raise HTTPError(400, str(exc)) from None
+    run = provider.run_request(code, upstream_from(body), timeout_from(body))
+    result = await provider.sessions.execute(glyph_from(body), run)
+    return 200, result.to_dict()
+
+
+async def evaluate(provider: Provider, params: Params, body: Body) -> Reply:
+    expression = body.get("expr")
+    if not isinstance(expression, str) or not expression.strip():
+        raise HTTPError(400, "send the expression to evaluate as `expr` (a non-empty string).")
+    result, bundle = await provider.sessions.evaluate(
+        glyph_from(body), as_json_expression(expression), provider.settings.execute_timeout
+    )
+    answer = {"success": False, "result": None, "error": result.error, "duration_ms": result.duration_ms}
+    if bundle.get("status") == "error":
+        answer["error"] = f"{bundle.get('ename')}: {bundle.get('evalue')}"
+    elif bundle.get("status") == "ok":
+        decoded = json.loads(ast.literal_eval(bundle["data"]["text/plain"]))
+        answer.update(success=True, error=None, result=decoded.get("json", decoded.get("text")))
+    return 200, answer
+
+
+def as_json_expression(expression: str) -> str:
+    """Wrap ``expression`` so the kernel answers with JSON: {"json": value} or, if not JSON-able, {"text": repr}.
+
+    One expression (Jupyter's user_expressions take no statements); the value is
+    computed once, and an object json cannot encode, even deep inside, turns the
+    whole answer into its text.
+    """
+    return (
+        "(lambda value, json=__import__('json'), unencodable=[]: "
+        "(lambda encoded: json.dumps({'text': repr(value)}) if unencodable else encoded)"
+        "(json.dumps({'json': value}, allow_nan=False, default=lambda o: unencodable.append(o))))"
+        f"(({expression}\n))"
+    )
+
+
+async def list_kernels(provider: Provider, params: Params, body: Body) -> Reply:
+    return 200, {"kernels": [session.info() for session in provider.sessions.sessions.values()]}
+
+
+def session_or_404(provider: Provider, params: dict[str, str]):
+    glyph_id = unquote(params["glyph_id"])
+    session = provider.sessions.sessions.get(glyph_id)
+    if session is None:
+        raise HTTPError(404, f"no live kernel for glyph {glyph_id!r}.")
+    return session
+
+
+async def interrupt_kernel(provider: Provider, params: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
+    session = session_or_404(provider, params)
+    await session.interrupt()
+    return 200, {"interrupted": session.glyph_id}
+
+
+async def restart_kernel(provider: Provider, params: Params, body: Body) -> Reply:
+    session = session_or_404(provider, params)
+    await session.restart()
+    return 200, session.info()
+
+
+async def delete_kernel(provider: Provider, params: Params, body: Body) -> Reply:
+    session = session_or_404(provider, params)
+    await provider.sessions.remove(session.glyph_id)
+    return 200, {"deleted": session.glyph_id}
+
+
+async def list_kernelspecs(provider: Provider, params: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
+    specs = KernelSpecManager().get_all_specs()
+    return 200, {
+        "default": provider.settings.kernel,
+        "kernelspecs": [
+            {
+                "name": name,
+                "display_name": entry["spec"].get("display_name", name),
+                "language": entry["spec"].get("language", ""),
+                "in_use": name == provider.settings.kernel,
+            }
+            for name, entry in sorted(specs.items())
+        ],
+    }
+
+
+_KERNEL_VERSIONS_PROBE = (
+    "import json, platform\n"
+    "try:\n    import ipykernel; v = ipykernel.__version__\n"
+    "except ImportError:\n    v = None\n"
+    "print(json.dumps({'python': platform.python_version(), 'ipykernel': v}))"
+)
+
+
+async def kernel_versions(kernel_name: str) -> dict[str, Any]:
+    """Python and ipykernel versions of a kernelspec's own interpreter (which may not be ours)."""
+    spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    interpreter = spec.argv[0]
+    if interpreter in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"):
+        interpreter = sys.executable  # jupyter_client runs these names with its own interpreter
+    process = await asyncio.create_subprocess_exec(
+        interpreter,
+        "-c",
+        _KERNEL_VERSIONS_PROBE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+        return json.loads(stdout)
+    except (TimeoutError, json.JSONDecodeError):
+        process.kill()
+        return {"python": None, "ipykernel": None}
+
+
+async def versions(provider: Provider, params: Params, body: Body) -> Reply:
+    kernel = await kernel_versions(provider.settings.kernel)
+    return 200, {
+        "provider": provider.version,
+        "kernelspec": provider.settings.kernel,
+        "python": kernel["python"],
+        "ipykernel": kernel["ipykernel"],
+        "jupyter_client": version("jupyter_client"),
+        "provider_python": sys.version.split()[0],
+    }
+
+
+ROUTES = [
+    Route("POST", "/execute", "Run code on a glyph's kernel; answers the ExecutionResult JSON.", execute),
+    Route(
+        "POST",
+        "/evaluate",
+        "Evaluate one expression on a glyph's kernel without adding to its history.",
+        evaluate,
+    ),
+    Route("GET", "/kernels", "The live glyph kernels and their state.", list_kernels),
+    Route(
+        "POST",
+        "/kernels/{glyph_id}/interrupt",
+        "Interrupt what a glyph's kernel is running.",
+        interrupt_kernel,
+    ),
+    Route(
+        "POST",
+        "/kernels/{glyph_id}/restart",
+        "Give a glyph a fresh kernel (its state is lost).",
+        restart_kernel,
+    ),
+    Route("DELETE", "/kernels/{glyph_id}", "Stop a glyph's kernel and forget the glyph.", delete_kernel),
+    Route("GET", "/kernelspecs", "The installed kernelspecs and the one in use.", list_kernelspecs),
+    Route(
+        "GET",
+        "/version",
+        "Versions of the provider, the kernel's Python, jupyter_client and ipykernel.",
+        versions,
+    ),
+]
+
+
+async def dispatch(provider: Provider, method: str, raw_path: str, body: bytes) -> Response:
+    path = raw_path.split("?", 1)[0].rstrip("/") or "/"
+    matching = [(route, m) for route in ROUTES if (m := route.pattern.match(path))]
+    try:
+        if not matching:
+            raise HTTPError(404, f"no route {path}; see Initialize's http_routes for the ones there are.")
+        for route, match in matching:
+            if route.method == method.upper():
+                status, payload = await route.handler(provider, match.groupdict(), parse_body(body))
+                return json_response(status, payload)
+        allowed = ", ".join(sorted({route.method for route, _ in matching}))
+        raise HTTPError(405, f"{method} is not allowed on {path}; use {allowed}.", {"Allow": allowed})
+    except HTTPError as exc:
+        return json_response(exc.status, {"error": str(exc)}, exc.headers)
+    except ProviderClosing as exc:
+        return json_response(503, {"error": f"{exc}."})
