@@ -67,7 +67,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="plugin name reported in Metadata (default: from the executable's name qntx-NAME-plugin)",
     )
     parser.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
-    parser.add_argument("--kernel", default=DEFAULT_KERNEL, help="kernelspec every glyph kernel is started from")
+    parser.add_argument(
+        "--kernel",
+        action="append",
+        help="kernelspec of glyph kernels (default python3); repeat it to serve several: the first is the default "
+        "and a glyph whose code starts with `#| kernel: NAME` runs on NAME",
+    )
     parser.add_argument(
         "--execute-timeout",
         type=_argument_type(parse_timeout, "--execute-timeout"),
@@ -91,7 +96,8 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         name=args.name or name_from_executable(executable),
         host=host,
         port=port,
-        kernel=args.kernel,
+        kernel=(args.kernel or [DEFAULT_KERNEL])[0],
+        extra_kernels=tuple(args.kernel or ()),
         execute_timeout=args.execute_timeout,
         max_output_bytes=args.max_output_bytes,
         connection_dir=args.connection_dir.resolve() if args.connection_dir else None,
@@ -114,7 +120,8 @@ def run_server(settings: Settings) -> int:
 
     setup_logging(settings.log_level)
     try:
-        check_kernelspec(settings.kernel)
+        for name in settings.served_kernels:
+            check_kernelspec(name)
     except ConfigError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 2
@@ -152,9 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--upstream", default="", help="JSON attestation passed as `upstream`")
     run_parser.add_argument("--json", action="store_true", help="print the whole ExecutionResult JSON")
 
+    from kernel_provider import variants
+
+    variants.add_commands(commands)
+    from kernel_provider.environments import add_env_parser
+
+    add_env_parser(commands)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_server(settings_from_args(args, "kernel-provider"))
+    if args.command == "variant":
+        return args.handler(args)
+    if args.command == "env":
+        return args.handler(args)
     from kernel_provider.client import run_command
 
     code = sys.stdin.read() if args.code == "-" else args.code

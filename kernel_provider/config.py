@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -35,7 +36,8 @@ class Settings:
     name: str = "python"
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    kernel: str = DEFAULT_KERNEL
+    kernel: str = DEFAULT_KERNEL  # the default kernelspec, for glyphs that ask for none
+    extra_kernels: tuple[str, ...] = ()  # more kernelspecs a glyph may ask for with `#| kernel: NAME`
     execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     connection_dir: Path | None = None
@@ -47,6 +49,10 @@ class Settings:
             return self.connection_dir
         return Path(jupyter_runtime_dir()) / "kernel_provider" / _safe_name(self.name)
 
+    @property
+    def served_kernels(self) -> tuple[str, ...]:
+        return (self.kernel, *(k for k in self.extra_kernels if k != self.kernel))
+
     def with_config(self, config: Mapping[str, str]) -> Settings:
         """Apply Initialize's config map; unknown keys are logged and ignored."""
         changes: dict[str, Any] = {}
@@ -56,6 +62,10 @@ class Settings:
                 log.warning("ignoring unknown config key %r", key)
                 continue
             changes[key] = field.parse(key, raw)
+        if "kernels" in changes:  # a list: the first is the default, the rest may be asked for
+            kernels = changes.pop("kernels")
+            changes.setdefault("kernel", kernels[0])
+            changes["extra_kernels"] = tuple(kernels)
         return dataclasses.replace(self, **changes)
 
 
@@ -76,6 +86,19 @@ def parse_kernel_name(key: str, raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"{key} must be a kernelspec name (letters, digits, '.', '_' or '-'), got {raw!r}.")
     return name
+
+
+def parse_kernel_names(key: str, raw: str) -> tuple[str, ...]:
+    """A JSON list (as QNTX encodes lists) or a comma-separated string of kernelspec names."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = [part for part in raw.split(",") if part.strip()]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a non-empty list of kernelspec names, got {raw!r}.")
+    return tuple(parse_kernel_name(key, v) for v in value)
 
 
 def parse_timeout(key: str, raw: str) -> float:
@@ -107,6 +130,13 @@ CONFIG_FIELDS: dict[str, ConfigField] = {
         description="Name of the Jupyter kernelspec every glyph kernel is started from.",
         default=DEFAULT_KERNEL,
         parse=parse_kernel_name,
+    ),
+    "kernels": ConfigField(
+        type="array",
+        description="Kernelspecs served at once: the first is the default, and a glyph whose code starts with "
+        "`#| kernel: NAME` runs on NAME.",
+        default=json.dumps([DEFAULT_KERNEL]),
+        parse=parse_kernel_names,
     ),
     "execute_timeout": ConfigField(
         type="number",

@@ -206,7 +206,7 @@ async def list_kernelspecs(provider: Provider, params: dict[str, str], body: dic
                 "name": name,
                 "display_name": entry["spec"].get("display_name", name),
                 "language": entry["spec"].get("language", ""),
-                "in_use": name == provider.settings.kernel,
+                "in_use": name in provider.settings.served_kernels,
             }
             for name, entry in sorted(specs.items())
         ],

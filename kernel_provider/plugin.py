@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import aclosing
 
@@ -74,6 +75,11 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
             message="shutting down" if stopping else "ok",
             details={
                 "kernelspec": self.provider.settings.kernel,
+                "kernelspecs": ",".join(self.provider.settings.served_kernels),
+                # Which environment each glyph runs on, as JSON: {"glyph id": "kernelspec"}.
+                "glyph_kernelspecs": json.dumps(
+                    {g: s.kernel_name for g, s in self.provider.sessions.sessions.items()}, sort_keys=True
+                ),
                 "live_kernels": str(live),
                 "busy_kernels": str(busy),
                 "version": self.provider.version,

@@ -52,7 +52,8 @@ class Provider:
 
     async def apply_config(self, config: dict[str, str]) -> None:
         settings = self.base_settings.with_config(config)
-        check_kernelspec(settings.kernel)
+        for name in settings.served_kernels:
+            check_kernelspec(name)
         self.settings = settings
         await self.sessions.reconfigure(settings)
 

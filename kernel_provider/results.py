@@ -66,6 +66,12 @@ class ExecutionResult:
     def failed(cls, reason: str, *, duration_ms: float = 0.0) -> ExecutionResult:
         return cls(success=False, error=reason, duration_ms=round(duration_ms, 3))
 
+    def add_notice(self, text: str) -> None:
+        """Tell the reader something the provider did (e.g. reset the glyph's state), first on stderr."""
+        line = f"[kernel_provider] {text}\n"
+        self.outputs.insert(0, {"output_type": "stream", "name": "stderr", "text": line})
+        self.stderr = line + self.stderr
+
     def to_dict(self) -> dict[str, Any]:
         # Shallow: the outputs are only read from here on, so asdict's deep copy is wasted work.
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -62,6 +62,16 @@ class RunRequest:
     user_expressions: dict[str, str] | None = None
 
 
+_KERNEL_DIRECTIVE = re.compile(r"#\|\s*kernel:\s*(?P<name>\S+)\s*")
+
+
+def requested_kernel(code: str) -> str | None:
+    """The kernelspec a glyph asks for on its first line, `#| kernel: NAME` (Quarto's cell-option style)."""
+    first_line = code.lstrip().split("\n", 1)[0].strip()
+    match = _KERNEL_DIRECTIVE.fullmatch(first_line)
+    return match.group("name") if match else None
+
+
 def connection_file_name(glyph_id: str) -> str:
     """A file name for a glyph's connection file that can never leave its folder.
 
@@ -341,9 +351,26 @@ class SessionManager:
     async def execute(self, glyph_id: str, request: RunRequest) -> ExecutionResult:
         if self._closing:
             raise ProviderClosing("the provider is shutting down")
+        kernel_name = requested_kernel(request.code) or self.settings.kernel
+        served = self.settings.served_kernels
+        if kernel_name not in served:
+            return ExecutionResult.failed(
+                f"KernelspecError: this provider does not serve the kernelspec {kernel_name!r}; "
+                f"it serves: {', '.join(served)}."
+            )
         if not glyph_id:
-            return await self._execute_once(request)
-        return await self._session(glyph_id).run(request)
+            return await self._execute_once(request, kernel_name)
+        notice = None
+        session = self.sessions.get(glyph_id)
+        if session is not None and session.kernel_name != kernel_name:
+            # The glyph's directive changed: its old kernel cannot run the new environment.
+            del self.sessions[glyph_id]
+            await session.stop()
+            notice = f"glyph moved from kernelspec {session.kernel_name!r} to {kernel_name!r}; its state was reset."
+        result = await self._session(glyph_id, kernel_name).run(request)
+        if notice:
+            result.add_notice(notice)
+        return result
 
     async def evaluate(self, glyph_id: str, expression: str, timeout: float) -> tuple[ExecutionResult, dict]:
         """Evaluate one expression silently (no history entry) and return the kernel's answer bundle."""
@@ -369,10 +396,11 @@ class SessionManager:
                 await session.stop()
         return result, answers.get("value", {})
 
-    def _session(self, glyph_id: str) -> KernelSession:
+    def _session(self, glyph_id: str, kernel_name: str | None = None) -> KernelSession:
         session = self.sessions.get(glyph_id)
         if session is None:
-            session = KernelSession(glyph_id, self.settings.kernel, self.connection_dir, self.callbacks)
+            kernel_name = kernel_name or self.settings.kernel
+            session = KernelSession(glyph_id, kernel_name, self.connection_dir, self.callbacks)
             self.sessions[glyph_id] = session
         return session
 
@@ -384,9 +412,9 @@ class SessionManager:
         await session.stop()
         return True
 
-    async def _execute_once(self, request: RunRequest) -> ExecutionResult:
+    async def _execute_once(self, request: RunRequest, kernel_name: str) -> ExecutionResult:
         """QNTX's watcher actions send no glyph: they get a kernel for this one run."""
-        session = KernelSession("", self.settings.kernel, self.connection_dir, self.callbacks)
+        session = KernelSession("", kernel_name, self.connection_dir, self.callbacks)
         self._throwaway.add(session)
         try:
             return await session.run(request)
@@ -396,11 +424,12 @@ class SessionManager:
 
     async def reconfigure(self, settings: Settings) -> None:
         """Take new settings; kernels of a kernelspec no longer served are stopped."""
-        old_kernel = self.settings.kernel
         self.settings = settings
-        if settings.kernel != old_kernel:
-            sessions, self.sessions = list(self.sessions.values()), {}
-            await asyncio.gather(*(s.stop() for s in sessions))
+        # Kernels of a kernelspec no longer served stop now; a glyph whose spec is still
+        # served but no longer its choice (the default changed) moves at its next run.
+        stale = [g for g, session in self.sessions.items() if session.kernel_name not in settings.served_kernels]
+        sessions = [self.sessions.pop(g) for g in stale]
+        await asyncio.gather(*(s.stop() for s in sessions))
 
     def counts(self) -> tuple[int, int]:
         """(live kernels, busy kernels)."""
