@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import os
 import queue
 import re
 import time
@@ -83,11 +85,34 @@ def connection_file_name(glyph_id: str) -> str:
     return f"kernel-{readable}-{digest}.json"
 
 
+def label_connection_file(path: Path, **labels: str) -> None:
+    """Add whose kernel this is to a standard connection file, for a person attaching to it.
+
+    jupyter_client rewrites the file while it starts a kernel, so the labels go in
+    afterwards; the replace is atomic and keeps the file private (0600).
+    """
+    info = json.loads(path.read_text())
+    info["kernel_provider"] = labels
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(info, handle, indent=1)
+    os.replace(temporary, path)
+
+
 class KernelSession:
     """One glyph's kernel, started on first use and kept alive between runs."""
 
-    def __init__(self, glyph_id: str, kernel_name: str, connection_dir: Path, callbacks: CallbackServer | None = None):
+    def __init__(
+        self,
+        glyph_id: str,
+        kernel_name: str,
+        connection_dir: Path,
+        callbacks: CallbackServer | None = None,
+        plugin_name: str = "",
+    ):
         self.glyph_id = glyph_id
+        self.plugin_name = plugin_name
         # Where the kernel's attest() and last() call back; its token names this glyph.
         self.callbacks = callbacks
         self._callback_token: str | None = None
@@ -248,6 +273,7 @@ class KernelSession:
         ensure_private_dir(self.connection_dir)
         manager = AsyncKernelManager(kernel_name=self.kernel_name, connection_file=str(self.connection_file))
         await manager.start_kernel()
+        label_connection_file(self.connection_file, plugin=self.plugin_name, glyph_id=self.glyph_id)
         client = manager.client()
         client.start_channels()
         port, token = 0, None
@@ -384,11 +410,7 @@ class SessionManager:
             silent=True,
             user_expressions={"value": expression},
         )
-        session = (
-            self._session(glyph_id)
-            if glyph_id
-            else KernelSession("", self.settings.kernel, self.connection_dir, self.callbacks)
-        )
+        session = self._session(glyph_id) if glyph_id else self._new_session("", self.settings.kernel)
         try:
             result, answers = await session.run_with_expressions(request)
         finally:
@@ -396,11 +418,14 @@ class SessionManager:
                 await session.stop()
         return result, answers.get("value", {})
 
+    def _new_session(self, glyph_id: str, kernel_name: str) -> KernelSession:
+        return KernelSession(glyph_id, kernel_name, self.connection_dir, self.callbacks, plugin_name=self.settings.name)
+
     def _session(self, glyph_id: str, kernel_name: str | None = None) -> KernelSession:
         session = self.sessions.get(glyph_id)
         if session is None:
             kernel_name = kernel_name or self.settings.kernel
-            session = KernelSession(glyph_id, kernel_name, self.connection_dir, self.callbacks)
+            session = self._new_session(glyph_id, kernel_name)
             self.sessions[glyph_id] = session
         return session
 
@@ -414,7 +439,7 @@ class SessionManager:
 
     async def _execute_once(self, request: RunRequest, kernel_name: str) -> ExecutionResult:
         """QNTX's watcher actions send no glyph: they get a kernel for this one run."""
-        session = KernelSession("", kernel_name, self.connection_dir, self.callbacks)
+        session = self._new_session("", kernel_name)
         self._throwaway.add(session)
         try:
             return await session.run(request)
