@@ -11,13 +11,21 @@ import sys
 from pathlib import Path
 
 from kernel_provider.config import (
+    CONFIG_FIELDS,
     DEFAULT_EXECUTE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KERNEL,
+    DEFAULT_MAX_KERNELS,
     DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_POOL_SIZE,
     DEFAULT_PORT,
     ConfigError,
     Settings,
+    parse_idle_timeout,
+    parse_max_kernels,
+    parse_memory_limit,
     parse_output_limit,
+    parse_pool_size,
     parse_timeout,
 )
 
@@ -85,6 +93,21 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_OUTPUT_BYTES,
         metavar="BYTES",
     )
+    lifecycle = [
+        ("--pool-size", parse_pool_size, DEFAULT_POOL_SIZE, "N"),
+        ("--idle-timeout", parse_idle_timeout, DEFAULT_IDLE_TIMEOUT, "SECONDS"),
+        ("--max-kernels", parse_max_kernels, DEFAULT_MAX_KERNELS, "N"),
+        ("--kernel-memory-limit", parse_memory_limit, None, "MB"),
+    ]
+    for flag, parse, default, metavar in lifecycle:
+        key = flag[2:].replace("-", "_")
+        parser.add_argument(
+            flag,
+            type=_argument_type(parse, flag),
+            default=default,
+            metavar=metavar,
+            help=CONFIG_FIELDS[key].description,
+        )
     parser.add_argument(
         "--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)"
     )
@@ -100,6 +123,10 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         extra_kernels=tuple(args.kernel or ()),
         execute_timeout=args.execute_timeout,
         max_output_bytes=args.max_output_bytes,
+        pool_size=args.pool_size,
+        idle_timeout=args.idle_timeout,
+        max_kernels=args.max_kernels,
+        kernel_memory_limit=args.kernel_memory_limit,
         connection_dir=args.connection_dir.resolve() if args.connection_dir else None,
         log_level=args.log_level,
     )
@@ -165,13 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     from kernel_provider.environments import add_env_parser
 
     add_env_parser(commands)
+    from kernel_provider.lab import add_inspect_parsers
+
+    add_inspect_parsers(commands)
 
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_server(settings_from_args(args, "kernel-provider"))
     if args.command == "variant":
         return args.handler(args)
-    if args.command == "env":
+    if args.command in ("env", "kernels", "lab"):
         return args.handler(args)
     from kernel_provider.client import run_command
 

@@ -20,6 +20,11 @@ DEFAULT_PORT = 9000
 DEFAULT_KERNEL = "python3"
 DEFAULT_EXECUTE_TIMEOUT = 60.0
 DEFAULT_MAX_OUTPUT_BYTES = 1_000_000
+DEFAULT_POOL_SIZE = 1
+DEFAULT_IDLE_TIMEOUT = 3600.0
+DEFAULT_MAX_KERNELS = 64
+# An idle ipykernel already uses about 140 MB of data memory; below this it could not start.
+MIN_KERNEL_MEMORY_MB = 256
 # gRPC's default message ceiling, which QNTX's Go client keeps. The output cap
 # must leave room for the same text appearing in `output`, `result.stdout` and
 # `result.outputs`, so it may not exceed a third of this.
@@ -40,6 +45,10 @@ class Settings:
     extra_kernels: tuple[str, ...] = ()  # more kernelspecs a glyph may ask for with `#| kernel: NAME`
     execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    pool_size: int = DEFAULT_POOL_SIZE  # kernels of the default kernelspec started ahead of need
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds without a run before a glyph's kernel stops; 0 = never
+    max_kernels: int = DEFAULT_MAX_KERNELS  # ceiling on live kernels, pooled ones included
+    kernel_memory_limit: int | None = None  # MB of data memory per kernel (RLIMIT_DATA); None = no limit
     connection_dir: Path | None = None
     log_level: str = "info"
 
@@ -124,6 +133,40 @@ def parse_output_limit(key: str, raw: str) -> int:
     return value
 
 
+def _whole_number(key: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number, got {raw!r}.") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be between {low} and {high}, got {raw!r}.")
+    return value
+
+
+def parse_pool_size(key: str, raw: str) -> int:
+    return _whole_number(key, raw, 0, 64)
+
+
+def parse_max_kernels(key: str, raw: str) -> int:
+    return _whole_number(key, raw, 1, 4096)
+
+
+def parse_idle_timeout(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number of seconds (0 = never), got {raw!r}.") from None
+    if not 0 <= value <= 30 * 86_400 or value != value:
+        raise ConfigError(f"{key} must be 0 (never) or up to 2592000 seconds, got {raw!r}.")
+    return value
+
+
+def parse_memory_limit(key: str, raw: str) -> int | None:
+    if raw.strip().lower() in ("", "none", "0"):
+        return None
+    return _whole_number(key, raw, MIN_KERNEL_MEMORY_MB, 1_048_576)
+
+
 CONFIG_FIELDS: dict[str, ConfigField] = {
     "kernel": ConfigField(
         type="string",
@@ -145,6 +188,40 @@ CONFIG_FIELDS: dict[str, ConfigField] = {
         parse=parse_timeout,
         min_value="0",
         max_value="86400",
+    ),
+    "pool_size": ConfigField(
+        type="number",
+        description="Kernels of the default kernelspec kept started ahead of need, so a new glyph's first run "
+        "does not wait for a kernel to start.",
+        default=str(DEFAULT_POOL_SIZE),
+        parse=parse_pool_size,
+        min_value="0",
+        max_value="64",
+    ),
+    "idle_timeout": ConfigField(
+        type="number",
+        description="Seconds without a run after which a glyph's kernel is stopped (its next run starts fresh "
+        "and says so); 0 = never.",
+        default=str(int(DEFAULT_IDLE_TIMEOUT)),
+        parse=parse_idle_timeout,
+        min_value="0",
+        max_value="2592000",
+    ),
+    "max_kernels": ConfigField(
+        type="number",
+        description="Most kernels alive at once; at the ceiling the least recently used idle glyph kernel is "
+        "stopped, and when all are busy a run waits up to its timeout, then fails with a capacity error.",
+        default=str(DEFAULT_MAX_KERNELS),
+        parse=parse_max_kernels,
+        min_value="1",
+        max_value="4096",
+    ),
+    "kernel_memory_limit": ConfigField(
+        type="number",
+        description="MB of data memory each kernel may use (a glyph over it gets MemoryError); empty = no limit.",
+        default="",
+        parse=parse_memory_limit,
+        min_value=str(MIN_KERNEL_MEMORY_MB),
     ),
     "max_output_bytes": ConfigField(
         type="number",

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from jupyter_client.kernelspec import KernelSpecManager
 
 from kernel_provider.provider import Provider
-from kernel_provider.python_service import BadRequest, decode_upstream, validate_code, validate_glyph_id
+from kernel_provider.python_service import BadRequest, decode_upstream, load_json, validate_code, validate_glyph_id
 from kernel_provider.sessions import ProviderClosing
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPError(400, f"the request body is not valid JSON ({exc}).") from None
+        value = load_json(body, "the request body")
+    except BadRequest as exc:
+        raise HTTPError(400, str(exc)) from None
     if not isinstance(value, dict):
         raise HTTPError(400, "the request body must be a JSON object.")
     return value

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from kernel_provider.proto import domain_pb2
 from kernel_provider.provider import Provider
-from kernel_provider.python_service import BadRequest, validate_code, validate_glyph_id
+from kernel_provider.python_service import BadRequest, load_json, validate_code, validate_glyph_id
 from kernel_provider.results import ExecutionResult
 from kernel_provider.sessions import ProviderClosing
 
@@ -24,9 +23,9 @@ class JobError(ValueError):
 def parse_payload(payload: bytes) -> tuple[str, str, Any]:
     """(code, glyph_id, upstream) from the job's JSON payload."""
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobError(f'the job payload is not valid JSON ({exc}); send {{"code": ...}}.') from None
+        value = load_json(payload, "the job payload")
+    except BadRequest as exc:
+        raise JobError(f'{exc} Send {{"code": ...}}.') from None
     if not isinstance(value, dict):
         raise JobError("the job payload must be a JSON object with a `code` string.")
     code, glyph_id, upstream = value.get("code"), value.get("glyph_id") or "", value.get("upstream")

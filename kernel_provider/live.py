@@ -27,6 +27,7 @@ from kernel_provider.proto import domain_pb2
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import (
     BadRequest,
+    load_json,
     parse_request,
     run_timeout,
     stream_run,
@@ -46,9 +47,9 @@ _SHAPE = 'a DATA message must be a JSON object such as {"glyph_id": "g1", "code"
 def parse_data(data: bytes) -> tuple[str, str, Any, Any]:
     """(glyph_id, code, upstream, id) of a DATA message; raises BadRequest with a sentence."""
     try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadRequest(f"DATA is not valid JSON: {_SHAPE}") from None
+        body = load_json(data, "DATA")
+    except BadRequest as exc:
+        raise BadRequest(f"{exc} {_SHAPE[0].upper()}{_SHAPE[1:]}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"DATA is a JSON {type(body).__name__}: {_SHAPE}")
     code, glyph_id = body.get("code"), body.get("glyph_id", "")

@@ -82,6 +82,8 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
                 ),
                 "live_kernels": str(live),
                 "busy_kernels": str(busy),
+                "pooled_kernels": str(self.provider.sessions.supply.pooled),
+                "max_kernels": str(self.provider.settings.max_kernels),
                 "version": self.provider.version,
             },
         )

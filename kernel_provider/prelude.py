@@ -9,8 +9,15 @@ through the provider (kernel_provider/attestations.py).
 """
 
 
-def _kernel_provider_setup(glyph_id, callback_port=None, token=None):
+def _kernel_provider_setup(glyph_id, callback_port=None, token=None, memory_limit_mb=None):
     ip = get_ipython()  # noqa: F821 - defined inside an IPython kernel
+    if memory_limit_mb:
+        # Data memory (heap and private mappings), not address space: an idle kernel
+        # maps far more than it uses. Past it, allocations raise MemoryError in the glyph.
+        import resource
+
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     ip.user_ns["__glyph_id__"] = glyph_id
     ip.user_ns["upstream"] = None
     ip.user_ns.update(_attestation_functions(callback_port, token))

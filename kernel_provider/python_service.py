@@ -45,16 +45,36 @@ def validate_code(code: str) -> str:
     return code
 
 
+def load_json(raw: bytes, what: str) -> Any:
+    """Decode a JSON document from a request, or raise BadRequest saying what is wrong with it.
+
+    Every JSON entry point (upstream, HTTP bodies, job payloads, websocket data) comes
+    through here, so each refuses the same hostile inputs the same way: bytes that are
+    not UTF-8, nesting deep enough to exhaust the parser, and escaped lone surrogates
+    ("\\ud800"), which decode to text that cannot be sent on to a kernel.
+    """
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest(f"{what} is not valid UTF-8 JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc.msg} at byte {exc.pos}).") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is JSON nested too deeply to decode.") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} holds a lone surrogate escape (such as \\ud800), which is not valid text.") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is JSON nested too deeply to decode.") from None
+    return value
+
+
 def decode_upstream(raw: bytes) -> Any:
     """The attestation QNTX sent, as a dict; None when it sent nothing."""
     if not raw:
         return None
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("upstream_attestation is not valid UTF-8; it must be a JSON object.") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"upstream_attestation is not valid JSON ({exc.msg} at byte {exc.pos}).") from None
+    value = load_json(raw, "upstream_attestation")
     if value is not None and not isinstance(value, dict):
         raise BadRequest(f"upstream_attestation must be a JSON object, got a JSON {type(value).__name__}.")
     return value

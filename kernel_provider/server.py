@@ -69,6 +69,7 @@ async def serve(settings: Settings) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = bind(server, settings.host, settings.port)
+    await provider.sessions.start()
     await server.start()
     # The kernelspec was checked before we got here, so kernels can start: we serve.
     for name in ["", *service_names]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
 import queue
 import re
 import time
@@ -36,6 +34,14 @@ from kernel_provider.execution import (
     run_code,
     run_silently,
 )
+from kernel_provider.kernels import (
+    KERNEL_START_TIMEOUT,
+    CapacityError,
+    KernelSupply,
+    StartedKernel,
+    clean_stale_files,
+    label_connection_file,
+)
 from kernel_provider.results import ExecutionResult
 
 if TYPE_CHECKING:
@@ -43,8 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KERNEL_START_TIMEOUT = 60.0
 _PRELUDE_SOURCE = Path(prelude.__file__).read_text()
+
+
+# Reset notices kept for glyphs that have not run since; past this, the oldest are forgotten.
+MAX_REMEMBERED_RESETS = 10_000
 
 
 class ProviderClosing(Exception):
@@ -85,21 +94,6 @@ def connection_file_name(glyph_id: str) -> str:
     return f"kernel-{readable}-{digest}.json"
 
 
-def label_connection_file(path: Path, **labels: str) -> None:
-    """Add whose kernel this is to a standard connection file, for a person attaching to it.
-
-    jupyter_client rewrites the file while it starts a kernel, so the labels go in
-    afterwards; the replace is atomic and keeps the file private (0600).
-    """
-    info = json.loads(path.read_text())
-    info["kernel_provider"] = labels
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(info, handle, indent=1)
-    os.replace(temporary, path)
-
-
 class KernelSession:
     """One glyph's kernel, started on first use and kept alive between runs."""
 
@@ -107,17 +101,17 @@ class KernelSession:
         self,
         glyph_id: str,
         kernel_name: str,
-        connection_dir: Path,
+        supply: KernelSupply,
         callbacks: CallbackServer | None = None,
-        plugin_name: str = "",
+        memory_limit_mb: int | None = None,
     ):
         self.glyph_id = glyph_id
-        self.plugin_name = plugin_name
+        self.kernel_name = kernel_name
+        self.supply = supply
         # Where the kernel's attest() and last() call back; its token names this glyph.
         self.callbacks = callbacks
+        self.memory_limit_mb = memory_limit_mb
         self._callback_token: str | None = None
-        self.kernel_name = kernel_name
-        self.connection_dir = connection_dir
         self.lock = asyncio.Lock()
         self.last_activity = time.time()
         self.busy = False
@@ -128,8 +122,9 @@ class KernelSession:
         # A kernel start runs as its own task, shielded from the run that asked for it:
         # a cancelled run must not leave a half-started kernel nobody will stop.
         self._starting: asyncio.Task | None = None
+        self.kernel: StartedKernel | None = None
         name = connection_file_name(glyph_id) if glyph_id else f"kernel-once-{uuid.uuid4().hex}.json"
-        self.connection_file = connection_dir / name
+        self.connection_file = supply.connection_dir / name
 
     async def run(self, request: RunRequest) -> ExecutionResult:
         result, _ = await self.run_with_expressions(request)
@@ -166,7 +161,9 @@ class KernelSession:
         started = time.perf_counter()
         if self.manager is None:
             try:
-                await self._start_shielded()
+                await self._start_shielded(request.timeout)
+            except CapacityError as exc:
+                return ExecutionResult.failed(f"CapacityError: {exc}"), {}
             except Exception as exc:
                 log.exception("could not start kernel %s for glyph %r", self.kernel_name, self.glyph_id)
                 failed = ExecutionResult.failed(
@@ -269,38 +266,33 @@ class KernelSession:
             log.warning("kernel of glyph %r did not come back after an interrupt; stopping it", self.glyph_id)
             await self._stop()
 
-    async def _start(self) -> None:
-        ensure_private_dir(self.connection_dir)
-        manager = AsyncKernelManager(kernel_name=self.kernel_name, connection_file=str(self.connection_file))
-        await manager.start_kernel()
-        label_connection_file(self.connection_file, plugin=self.plugin_name, glyph_id=self.glyph_id)
-        client = manager.client()
-        client.start_channels()
+    async def _start(self, timeout: float = KERNEL_START_TIMEOUT) -> None:
+        kernel = await self.supply.obtain(self.kernel_name, self.connection_file, timeout)
+        label_connection_file(self.connection_file, glyph_id=self.glyph_id)
         port, token = 0, None
         try:
             if self.callbacks is not None:
                 port = await self.callbacks.start()
                 token = self.callbacks.register(self.glyph_id)
-            await client.wait_for_ready(timeout=KERNEL_START_TIMEOUT)
+            setup = f"_kernel_provider_setup({self.glyph_id!r}, {port!r}, {token!r}, {self.memory_limit_mb!r})"
             await run_silently(
-                client,
-                f"{_PRELUDE_SOURCE}\n_kernel_provider_setup({self.glyph_id!r}, {port!r}, {token!r})\n"
-                "del _kernel_provider_setup, _attestation_functions\n",
+                kernel.client,
+                f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _attestation_functions\n",
                 timeout=KERNEL_START_TIMEOUT,
             )
         except BaseException:
             if self.callbacks is not None:
                 self.callbacks.forget(token)
-            client.stop_channels()
-            await manager.shutdown_kernel(now=True)
+            await self.supply.give_back(kernel)
             raise
-        self.manager, self.client, self._callback_token = manager, client, token
+        self.kernel, self._callback_token = kernel, token
+        self.manager, self.client = kernel.manager, kernel.client
         self.kernel_id = str(uuid.uuid4())
         self.execution_count = 0
         log.info("started kernel %s for glyph %r", self.kernel_name, self.glyph_id)
 
-    async def _start_shielded(self) -> None:
-        self._starting = asyncio.ensure_future(self._start())
+    async def _start_shielded(self, timeout: float = KERNEL_START_TIMEOUT) -> None:
+        self._starting = asyncio.ensure_future(self._start(timeout))
         await asyncio.shield(self._starting)
 
     async def _replace_kernel(self) -> None:
@@ -344,20 +336,13 @@ class KernelSession:
     async def _stop(self) -> None:
         if self._starting is not None and not self._starting.done():
             await asyncio.gather(self._starting, return_exceptions=True)
-        manager, client = self.manager, self.client
-        self.manager = self.client = None
+        kernel = self.kernel
+        self.kernel = self.manager = self.client = None
         if self.callbacks is not None:
             self.callbacks.forget(self._callback_token)
             self._callback_token = None
-        if client is not None:
-            client.stop_channels()
-        if manager is not None:
-            try:
-                # now=True: a glyph kernel holds nothing that a polite shutdown would save,
-                # and a hung one must not delay the provider's exit.
-                await manager.shutdown_kernel(now=True)
-            except Exception:
-                log.exception("stopping the kernel of glyph %r failed", self.glyph_id)
+        if kernel is not None:
+            await self.supply.give_back(kernel)
 
 
 class SessionManager:
@@ -369,10 +354,25 @@ class SessionManager:
         self.sessions: dict[str, KernelSession] = {}
         self._throwaway: set[KernelSession] = set()
         self._closing = False
+        self.connection_dir = settings.resolved_connection_dir()
+        self.supply = KernelSupply(self.connection_dir, settings.name, settings.max_kernels, self._evict_one)
+        # Why a glyph lost its kernel while nobody was asking (culled, evicted): told at its next run.
+        self._reset_reasons: dict[str, str] = {}
+        self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
+        self._culler: asyncio.Task | None = None
 
-    @property
-    def connection_dir(self) -> Path:
-        return self.settings.resolved_connection_dir()
+    async def start(self) -> None:
+        """Clean what a killed predecessor left, warm the pool, and start culling idle kernels."""
+        ensure_private_dir(self.connection_dir)
+        removed = clean_stale_files(self.connection_dir)
+        if removed:
+            log.info("removed %d stale connection files from %s", removed, self.connection_dir)
+        self._apply_lifecycle_settings()
+        self._culler = asyncio.ensure_future(self._cull_idle_kernels())
+
+    def _apply_lifecycle_settings(self) -> None:
+        self.supply.capacity.limit = self.settings.max_kernels
+        self.supply.configure_pool(self.settings.kernel, self.settings.pool_size)
 
     async def execute(self, glyph_id: str, request: RunRequest) -> ExecutionResult:
         if self._closing:
@@ -386,12 +386,15 @@ class SessionManager:
             )
         if not glyph_id:
             return await self._execute_once(request, kernel_name)
-        notice = None
+        reset = self._reset_reasons.pop(glyph_id, None)
+        notice = f"{reset}; its state was reset." if reset else None
+        if glyph_id in self._retiring:
+            # Its old kernel is still being stopped; the new one reuses its file names.
+            await asyncio.gather(asyncio.shield(self._retiring[glyph_id]), return_exceptions=True)
         session = self.sessions.get(glyph_id)
         if session is not None and session.kernel_name != kernel_name:
             # The glyph's directive changed: its old kernel cannot run the new environment.
-            del self.sessions[glyph_id]
-            await session.stop()
+            await self._retire(session)
             notice = f"glyph moved from kernelspec {session.kernel_name!r} to {kernel_name!r}; its state was reset."
         result = await self._session(glyph_id, kernel_name).run(request)
         if notice:
@@ -419,7 +422,58 @@ class SessionManager:
         return result, answers.get("value", {})
 
     def _new_session(self, glyph_id: str, kernel_name: str) -> KernelSession:
-        return KernelSession(glyph_id, kernel_name, self.connection_dir, self.callbacks, plugin_name=self.settings.name)
+        return KernelSession(
+            glyph_id, kernel_name, self.supply, self.callbacks, memory_limit_mb=self.settings.kernel_memory_limit
+        )
+
+    async def _retire(self, session: KernelSession, reason: str | None = None) -> None:
+        """Forget a glyph's session and stop its kernel; ``reason`` is told at the glyph's next run.
+
+        A run that arrives for the glyph meanwhile waits for the stop to finish, so the old
+        kernel's clean-up never removes the files of the kernel that replaces it.
+        """
+        glyph_id = session.glyph_id
+        if self.sessions.get(glyph_id) is session:
+            del self.sessions[glyph_id]
+            if reason:
+                self._reset_reasons[glyph_id] = reason
+                while len(self._reset_reasons) > MAX_REMEMBERED_RESETS:
+                    self._reset_reasons.pop(next(iter(self._reset_reasons)))
+        stopping = asyncio.ensure_future(session.stop())
+        self._retiring[glyph_id] = stopping
+        try:
+            await asyncio.shield(stopping)
+        finally:
+            if self._retiring.get(glyph_id) is stopping:
+                del self._retiring[glyph_id]
+
+    def _idle_sessions(self) -> list[KernelSession]:
+        """Glyph kernels nobody is using or waiting for, least recently used first."""
+        idle = [s for s in self.sessions.values() if s.manager is not None and not s.busy and not s.lock.locked()]
+        return sorted(idle, key=lambda s: s.last_activity)
+
+    async def _evict_one(self) -> bool:
+        """Make room at the ceiling: stop the least recently used idle glyph kernel."""
+        for session in self._idle_sessions():
+            log.info("stopping the kernel of glyph %r to make room", session.glyph_id)
+            await self._retire(
+                session,
+                f"its kernel was stopped to make room for other glyphs (at most {self.settings.max_kernels} kernels)",
+            )
+            return True
+        return False
+
+    async def _cull_idle_kernels(self) -> None:
+        while not self._closing:
+            timeout = self.settings.idle_timeout
+            await asyncio.sleep(min(max(timeout / 4, 0.2), 30) if timeout else 30)
+            if not timeout:
+                continue
+            horizon = time.time() - timeout
+            for session in self._idle_sessions():
+                if session.last_activity < horizon:
+                    log.info("culling the idle kernel of glyph %r", session.glyph_id)
+                    await self._retire(session, f"its kernel was stopped after {timeout:g} seconds without a run")
 
     def _session(self, glyph_id: str, kernel_name: str | None = None) -> KernelSession:
         session = self.sessions.get(glyph_id)
@@ -431,10 +485,10 @@ class SessionManager:
 
     async def remove(self, glyph_id: str) -> bool:
         """Stop a glyph's kernel and forget the glyph; False when there was no such glyph."""
-        session = self.sessions.pop(glyph_id, None)
+        session = self.sessions.get(glyph_id)
         if session is None:
             return False
-        await session.stop()
+        await self._retire(session)
         return True
 
     async def _execute_once(self, request: RunRequest, kernel_name: str) -> ExecutionResult:
@@ -453,11 +507,12 @@ class SessionManager:
         # Kernels of a kernelspec no longer served stop now; a glyph whose spec is still
         # served but no longer its choice (the default changed) moves at its next run.
         stale = [g for g, session in self.sessions.items() if session.kernel_name not in settings.served_kernels]
-        sessions = [self.sessions.pop(g) for g in stale]
-        await asyncio.gather(*(s.stop() for s in sessions))
+        await asyncio.gather(*(self._retire(self.sessions[g]) for g in stale))
+        if self._culler is not None:  # started: the pool and the ceiling follow the new settings
+            self._apply_lifecycle_settings()
 
     def counts(self) -> tuple[int, int]:
-        """(live kernels, busy kernels)."""
+        """(live glyph kernels, busy kernels); pooled kernels are not counted here."""
         live = [s for s in [*self.sessions.values(), *self._throwaway] if s.manager is not None]
         return len(live), sum(1 for s in live if s.busy)
 
@@ -470,7 +525,10 @@ class SessionManager:
         self.close()
         sessions = [*self.sessions.values(), *self._throwaway]
         self.sessions.clear()
+        if self._culler is not None:
+            self._culler.cancel()
         # Stop without waiting for each glyph's lock: a run in progress is cut short.
         await asyncio.gather(*(s._stop() for s in sessions), return_exceptions=True)
+        await self.supply.close()
         if self.callbacks is not None:
             await self.callbacks.close()

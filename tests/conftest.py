@@ -144,6 +144,10 @@ def fresh_provider(tmp_path):
     plugins: list[Plugin] = []
 
     def start(*args: str, **kwargs) -> Plugin:
+        # No warm pool unless a test asks for one: these tests count a glyph's kernels and
+        # connection files, and a pooled kernel warming up beside them would blur the count.
+        if "--pool-size" not in args:
+            args = ("--pool-size", "0", *args)
         plugin = launch(tmp_path / f"conn{len(plugins)}", *args, **kwargs)
         plugins.append(plugin)
         return plugin

@@ -1,0 +1,443 @@
+"""Inspecting a glyph's live kernel: attach with jupyter_client, list with `kernel-provider kernels`,
+open in a real JupyterLab (`kernel-provider lab`), and see it in a real headless Chromium.
+
+Everything here is real: a launched provider, real ipykernel kernels, a real jupyter_server
+and, for the last test, Debian's chromium driven over its DevTools protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from jupyter_client import BlockingKernelClient
+from tornado.websocket import websocket_connect
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+START_TIMEOUT = 60
+
+
+def kernels_route(plugin) -> list[dict]:
+    from kernel_provider.proto import domain_pb2
+
+    response = plugin.domain.HandleHTTP(domain_pb2.HTTPRequest(method="GET", path="/kernels"), timeout=60)
+    assert response.status_code == 200
+    return json.loads(response.body)["kernels"]
+
+
+def connection_file_of(plugin, glyph_id: str) -> Path:
+    (kernel,) = [k for k in kernels_route(plugin) if k["glyph_id"] == glyph_id]
+    return Path(kernel["connection_file"])
+
+
+def attached_client(connection_file: Path) -> BlockingKernelClient:
+    client = BlockingKernelClient(connection_file=str(connection_file))
+    client.load_connection_file()
+    client.start_channels()
+    client.wait_for_ready(timeout=30)
+    return client
+
+
+def evaluate(client: BlockingKernelClient, expr: str) -> str:
+    reply = client.execute_interactive("", user_expressions={"value": expr}, timeout=30)
+    value = reply["content"]["user_expressions"]["value"]
+    assert value["status"] == "ok", value
+    return value["data"]["text/plain"]
+
+
+def test_a_person_attaches_to_a_glyph_kernel_through_its_connection_file(fresh_provider):
+    plugin = fresh_provider()
+    assert plugin.run("seen_by_person = 21", "inspected")["success"]
+    path = connection_file_of(plugin, "inspected")
+    assert path.parent == plugin.connection_dir
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Owner only (the folder may also carry the sticky bit, which keeps its sockets from being reaped).
+    assert plugin.connection_dir.stat().st_mode & 0o777 == 0o700
+    info = json.loads(path.read_text())
+    assert info["kernel_name"] == "python3" and info["key"]
+    assert info["kernel_provider"]["glyph_id"] == "inspected"
+    assert info["kernel_provider"]["plugin"] == "python"
+
+    person = attached_client(path)
+    try:
+        assert evaluate(person, "seen_by_person") == "21"
+        assert evaluate(person, "__glyph_id__") == "'inspected'"
+        reply = person.execute_interactive("set_by_person = seen_by_person * 2", timeout=30)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        person.stop_channels()
+    assert plugin.run("set_by_person + 1", "inspected")["result"] == "43"
+
+
+def kernel_provider(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_provider", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_kernels_command_lists_glyphs_with_the_line_to_attach(fresh_provider):
+    plugin = fresh_provider()
+    assert plugin.run("1", "listed-a")["success"]
+    assert plugin.run("2", "listed b")["success"]
+    expected = {"listed-a": connection_file_of(plugin, "listed-a"), "listed b": connection_file_of(plugin, "listed b")}
+
+    by_route = kernel_provider("kernels", "--target", f"127.0.0.1:{plugin.port}")
+    by_files = kernel_provider("kernels", "--connection-dir", str(plugin.connection_dir))
+    for listing, state in ((by_route, "idle"), (by_files, "unknown")):
+        assert listing.returncode == 0, listing.stderr
+        header, *rows = listing.stdout.splitlines()
+        assert header.split() == ["GLYPH", "KERNELSPEC", "STATE", "ATTACH"]
+        assert len(rows) == 2, listing.stdout
+        for glyph_id, path in expected.items():
+            (row,) = [r for r in rows if r.startswith(glyph_id + " ")]
+            assert " python3 " in row and f" {state} " in row
+            attach = row[row.index("jupyter console") :]
+            # The printed line is a shell command: the file it names exists.
+            assert attach == f"jupyter console --existing {shlex.quote(str(path))}"
+            assert Path(attach.split(" --existing ", 1)[1]).is_file()
+
+    as_json = kernel_provider("kernels", "--target", f"127.0.0.1:{plugin.port}", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    listed = {k["glyph_id"]: k for k in json.loads(as_json.stdout)}
+    assert set(listed) == set(expected)
+    assert listed["listed b"]["attach"] == f"jupyter console --existing {shlex.quote(str(expected['listed b']))}"
+    assert Path(listed["listed b"]["connection_file"]).is_file()
+
+    # A stopped glyph is gone from both listings, and so is its file.
+    from kernel_provider.proto import domain_pb2
+
+    plugin.domain.HandleHTTP(domain_pb2.HTTPRequest(method="DELETE", path="/kernels/listed-a"), timeout=60)
+    assert not expected["listed-a"].exists()
+    after = kernel_provider("kernels", "--connection-dir", str(plugin.connection_dir), "--json")
+    assert [k["glyph_id"] for k in json.loads(after.stdout)] == ["listed b"]
+
+    unreachable = kernel_provider("kernels", "--target", "127.0.0.1:1")
+    assert unreachable.returncode == 2 and "no provider answered" in unreachable.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Lab:
+    """`kernel-provider lab` as a subprocess, isolated from the user's Jupyter config."""
+
+    def __init__(self, connection_dir: Path, home: Path):
+        self.port = free_port()
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "JUPYTER_CONFIG_DIR": str(home / "config"),
+            "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+            "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        }
+        env.pop("JUPYTER_TOKEN", None)
+        command = [sys.executable, "-m", "kernel_provider", "lab", "--connection-dir", str(connection_dir)]
+        command += ["--port", str(self.port), "--no-browser"]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=home
+        )
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
+        line = self.process.stdout.readline()
+        assert line.startswith("JupyterLab: http://127.0.0.1:"), f"got {line!r}; log: {''.join(self.log)}"
+        self.url = line.split(" ", 1)[1].strip()
+        assert f":{self.port}/lab?token=" in self.url
+        self.token = self.url.rsplit("token=", 1)[1]
+        assert len(self.token) >= 32
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                self.get("/api/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "JupyterLab did not answer: " + "".join(self.log)
+                time.sleep(0.2)
+
+    def request(self, method: str, path: str) -> tuple[int, object]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        request.add_header("Authorization", f"token {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else None
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def get(self, path: str):
+        status, body = self.request("GET", path)
+        assert status == 200, (status, body)
+        return body
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    labs: list[Lab] = []
+
+    def start(connection_dir: Path) -> Lab:
+        labs.append(Lab(connection_dir, tmp_path / f"lab{len(labs)}"))
+        return labs[-1]
+
+    yield start
+    for started in labs:
+        started.stop()
+
+
+async def run_over_websocket(lab: Lab, kernel_id: str, code: str) -> dict:
+    """Run code as JupyterLab does, over the kernel's websocket; return its outputs and reply."""
+    session = uuid.uuid4().hex
+    url = f"ws://127.0.0.1:{lab.port}/api/kernels/{kernel_id}/channels?session_id={session}&token={lab.token}"
+    connection = await websocket_connect(url)
+    msg_id = uuid.uuid4().hex
+    message = {
+        "header": {
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "username": "test",
+            "session": session,
+            "date": "",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False},
+        "channel": "shell",
+        "buffers": [],
+    }
+    await connection.write_message(json.dumps(message))
+    got: dict = {"stdout": "", "results": [], "reply": None, "idle": False}
+    try:
+        while got["reply"] is None or not got["idle"]:
+            raw = await asyncio.wait_for(connection.read_message(), timeout=60)
+            assert raw is not None, "JupyterLab closed the kernel's websocket"
+            reply = json.loads(raw)
+            if reply.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = reply["msg_type"]
+            if kind == "stream" and reply["content"]["name"] == "stdout":
+                got["stdout"] += reply["content"]["text"]
+            elif kind == "execute_result":
+                got["results"].append(reply["content"]["data"]["text/plain"])
+            elif kind == "execute_reply":
+                got["reply"] = reply["content"]
+            elif kind == "status" and reply["content"]["execution_state"] == "idle":
+                got["idle"] = True
+    finally:
+        connection.close()
+    return got
+
+
+def test_jupyterlab_shows_runs_and_never_stops_a_glyph_kernel(fresh_provider, lab):
+    plugin = fresh_provider()
+    assert plugin.run("from_glyph = 21\nimport time", "lab-glyph")["success"]
+    server = lab(plugin.connection_dir)
+
+    kernels = server.get("/api/kernels")
+    # The glyph's kernel, and only it (no spare kernel a glyph has not taken yet).
+    assert [k["name"] for k in kernels] == ["python3"], kernels
+    kernel_id = kernels[0]["id"]
+
+    async def scenario():
+        got = await run_over_websocket(server, kernel_id, "print(__glyph_id__)\nfrom_lab = from_glyph * 2\nfrom_glyph")
+        assert got["reply"]["status"] == "ok", got
+        assert got["stdout"] == "lab-glyph\n" and got["results"] == ["21"]
+        # While JupyterLab's code prints, the glyph's own run answers with its outputs only.
+        loop = asyncio.get_running_loop()
+        person = asyncio.ensure_future(
+            run_over_websocket(
+                server, kernel_id, "for i in range(20):\n    print('lab', i, flush=True)\n    time.sleep(0.05)"
+            )
+        )
+        await asyncio.sleep(0.3)
+        result = await loop.run_in_executor(None, plugin.run, "print('glyph')\nfrom_lab", "lab-glyph")
+        assert result["stdout"] == "glyph\n" and result["result"] == "42"
+        assert all("lab" not in json.dumps(o) for o in result["outputs"])
+        assert (await person)["stdout"].count("lab ") == 20
+
+    asyncio.run(scenario())
+
+    # JupyterLab may not shut down or restart the provider's kernel.
+    status, body = server.request("DELETE", f"/api/kernels/{kernel_id}")
+    assert status == 403 and "kernel_provider" in body["message"]
+    status, _ = server.request("POST", f"/api/kernels/{kernel_id}/restart")
+    assert status != 200
+    assert [k["id"] for k in server.get("/api/kernels")] == [kernel_id]
+
+    # Stopping JupyterLab leaves the glyph's kernel and its state alone.
+    assert server.stop() == 0
+    assert connection_file_of(plugin, "lab-glyph").is_file()
+    assert plugin.run("from_lab + 1", "lab-glyph")["result"] == "43"
+
+
+def test_lab_without_jupyterlab_says_how_to_install_it(tmp_path):
+    # A stub package named jupyterlab that cannot be found: shadow it with a path entry that hides it.
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class _Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'jupyterlab':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Hide())\n"
+    )
+    result = kernel_provider(
+        "lab", "--connection-dir", str(tmp_path / "conn"), "--no-browser", env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert result.returncode == 2
+    assert "pip install 'kernel_provider[lab]'" in result.stderr
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+class DevTools:
+    """The smallest DevTools-protocol client: one page, over tornado's websocket."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.next_id = 0
+
+    async def call(self, method: str, **params):
+        self.next_id += 1
+        call_id = self.next_id
+        await self.connection.write_message(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            raw = await asyncio.wait_for(self.connection.read_message(), timeout=60)
+            assert raw is not None, "chromium closed the DevTools connection"
+            message = json.loads(raw)
+            if message.get("id") == call_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    async def evaluate(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    async def click(self, selector: str) -> bool:
+        box = await self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return null;"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        if not box:
+            return False
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        return True
+
+
+@pytest.mark.timeout(150)
+def test_jupyterlab_in_chromium_lists_the_glyph_kernel(fresh_provider, lab, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+    plugin = fresh_provider()
+    assert plugin.run("x = 1", "browser-glyph")["success"]
+    server = lab(plugin.connection_dir)
+    (kernel,) = server.get("/api/kernels")
+    profile = Path(tempfile.mkdtemp(dir=tmp_path))
+    browser = subprocess.Popen(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            "--window-size=1400,900",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert browser.poll() is None, f"chromium exited with {browser.returncode}"
+            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+            time.sleep(0.1)
+        devtools_port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/list", timeout=30) as response:
+            (page,) = [t for t in json.load(response) if t["type"] == "page"]
+
+        async def scenario() -> tuple[str, bytes]:
+            tools = DevTools(await websocket_connect(page["webSocketDebuggerUrl"], max_message_size=64 << 20))
+            await tools.call("Page.enable")
+            await tools.call("Page.navigate", url=server.url)
+            text = ""
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                # Open the left sidebar's "Running Terminals and Kernels" panel once it exists.
+                if not await tools.evaluate("!!document.querySelector('#jp-running-sessions:not(.lm-mod-hidden)')"):
+                    await tools.click("li[data-id='jp-running-sessions']")
+                    continue
+                text = await tools.evaluate(
+                    "(() => { const p = document.querySelector('#jp-running-sessions');"
+                    " const titles = [...p.querySelectorAll('[title]')].map(e => e.title);"
+                    " return p.innerText + '\\n' + titles.join('\\n'); })()"
+                )
+                if kernel["id"] in text or "Python 3 (ipykernel)" in text:
+                    break
+            shot = await tools.call("Page.captureScreenshot", format="png")
+            tools.connection.close()
+            return text, base64.b64decode(shot["data"])
+
+        text, png = asyncio.run(scenario())
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "jupyterlab-running-kernels.png").write_bytes(png)
+        assert png.startswith(b"\x89PNG")
+        assert "Kernels" in text, text
+        assert kernel["id"] in text or "Python 3 (ipykernel)" in text, text
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait()
+    # The page was a JupyterLab client of the kernel; the glyph still answers as before.
+    assert plugin.run("x + 1", "browser-glyph")["result"] == "2"
