@@ -73,6 +73,7 @@ REFUSED = [
     ("upstream a 10000-deep list", dict(code="1", upstream_attestation=deep_list()), ["upstream"]),
 ]
 
+
 def refused_params():
     for name, fields, words in REFUSED:
         for method in ("Execute", "ExecuteStream"):
