@@ -156,17 +156,18 @@ class PythonServicer(python_pb2_grpc.PythonServiceServicer):
     def __init__(self, provider: Provider):
         self.provider = provider
 
-    async def Execute(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
+    async def _run_request(
+        self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[str, RunRequest]:
+        """The glyph and the run a request asks for; a bad request is aborted with INVALID_ARGUMENT."""
         try:
             glyph_id, code, upstream = parse_request(request.glyph_id, request.code, request.upstream_attestation)
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        run = RunRequest(
-            code=code,
-            upstream=upstream,
-            timeout=run_timeout(self.provider, context),
-            output_limit=self.provider.settings.max_output_bytes,
-        )
+        return glyph_id, self.provider.run_request(code, upstream, run_timeout(self.provider, context))
+
+    async def Execute(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
+        glyph_id, run = await self._run_request(request, context)
         try:
             result = await self.provider.sessions.execute(glyph_id, run)
         except ProviderClosing as exc:
@@ -175,16 +176,7 @@ class PythonServicer(python_pb2_grpc.PythonServiceServicer):
 
     async def ExecuteStream(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
         """Execute, answered as it goes: one event per output, then `done` with Execute's answer."""
-        try:
-            glyph_id, code, upstream = parse_request(request.glyph_id, request.code, request.upstream_attestation)
-        except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        run = RunRequest(
-            code=code,
-            upstream=upstream,
-            timeout=run_timeout(self.provider, context),
-            output_limit=self.provider.settings.max_output_bytes,
-        )
+        glyph_id, run = await self._run_request(request, context)
         try:
             async with aclosing(stream_run(self.provider.sessions, glyph_id, run)) as events:
                 async for event in events:

@@ -65,13 +65,18 @@ class Plugin:
 
     def stop(self) -> int:
         self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return terminate(self.process)
+
+
+def terminate(process: subprocess.Popen) -> int:
+    """SIGTERM, as QNTX stops a plugin; SIGKILL only if it does not exit within 30 s. The exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def kernel_pids_using(connection_dir: Path) -> list[int]:

@@ -139,16 +139,21 @@ def test_kernels_lists_live_glyph_sessions(provider):
     assert entry["connection_file"].startswith(str(provider.connection_dir))
 
 
-def test_interrupt_restart_and_delete_a_glyph_kernel(provider):
+def test_interrupt_restart_and_delete_a_glyph_kernel(provider, tmp_path):
     g = glyph()
     provider.run("state = 1", g)
-    request = python_pb2.PythonExecuteRequest(code="import time\nfor _ in range(600): time.sleep(0.1)", glyph_id=g)
-    running = provider.python.Execute.future(request, timeout=120)
+    # The code says when it is running: an interrupt that reaches a kernel before it starts
+    # the code is ignored by ipykernel, so the test waits for the marker, as a person would
+    # wait to see the glyph running before pressing stop.
+    marker = tmp_path / "running"
+    code = f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\nfor _ in range(600): time.sleep(0.1)"
+    running = provider.python.Execute.future(python_pb2.PythonExecuteRequest(code=code, glyph_id=g), timeout=120)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(
-        k["glyph_id"] == g and k["execution_state"] == "busy" for k in http(provider, "GET", "/kernels")[2]["kernels"]
-    ):
+    while time.monotonic() < deadline and not marker.exists():
         time.sleep(0.05)
+    assert any(
+        k["glyph_id"] == g and k["execution_state"] == "busy" for k in http(provider, "GET", "/kernels")[2]["kernels"]
+    )
     status, _, _ = http(provider, "POST", f"/kernels/{g}/interrupt")
     assert status == 200
     interrupted = running.result()

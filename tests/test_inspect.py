@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 from tornado.websocket import websocket_connect
+
+from conftest import terminate
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 START_TIMEOUT = 60
@@ -193,13 +194,7 @@ class Lab:
         return body
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return terminate(self.process)
 
 
 @pytest.fixture
