@@ -205,15 +205,18 @@ async def run_code(
     interrupt: Callable[[], Awaitable[None]],
     request_metadata: dict[str, Any] | None = None,
     on_output: Callable[[dict[str, Any]], None] | None = None,
+    on_started: Callable[[], None] | None = None,
     silent: bool = False,
     user_expressions: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Execute ``code`` and wait for its outputs, at most ``timeout`` seconds.
 
     On timeout the kernel is interrupted and the outputs up to then are kept
-    (``timed_out`` is set). A ``silent`` run leaves no trace in the kernel's history
-    or execution count. Raises KernelDied when the kernel process goes away,
-    and InterruptFailed when an interrupt does not return it to idle in time.
+    (``timed_out`` is set). ``on_started`` is called once the kernel has begun the code
+    (its execute_input): from then on an interrupt reaches the code. A ``silent`` run
+    leaves no trace in the kernel's history or execution count. Raises KernelDied when
+    the kernel process goes away, and InterruptFailed when an interrupt does not return
+    it to idle in time.
     """
     content = {
         "code": code,
@@ -266,6 +269,8 @@ async def run_code(
                 break
         elif msg_type == "execute_input":
             execution_count = iopub["content"].get("execution_count")
+            if on_started is not None:
+                on_started()
         else:
             collector.handle(iopub)
 

@@ -10,6 +10,7 @@ interrupt, a crash) are mended here by starting the glyph a fresh kernel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import queue
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 _PRELUDE_SOURCE = Path(prelude.__file__).read_text()
 
+
+# How long an interrupt waits for a queued or starting run to begin its code.
+INTERRUPT_WAIT_SECONDS = 5.0
 
 # Reset notices kept for glyphs that have not run since; past this, the oldest are forgotten.
 MAX_REMEMBERED_RESETS = 10_000
@@ -115,6 +119,9 @@ class KernelSession:
         self.lock = asyncio.Lock()
         self.last_activity = time.time()
         self.busy = False
+        # Set while the kernel is running this glyph's code: ipykernel ignores an interrupt
+        # that arrives before it starts the code, so interrupt() waits for this first.
+        self.code_running = asyncio.Event()
         self.execution_count = 0
         self.kernel_id: str | None = None
         self.manager: AsyncKernelManager | None = None
@@ -145,6 +152,7 @@ class KernelSession:
     async def _run_serialized(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
         async with self.lock:
             self.busy = True
+            self.code_running.clear()
             try:
                 return await self._run_locked(request)
             except asyncio.CancelledError:
@@ -155,6 +163,7 @@ class KernelSession:
                 raise
             finally:
                 self.busy = False
+                self.code_running.clear()
                 self.last_activity = time.time()
 
     async def _run_locked(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
@@ -187,6 +196,7 @@ class KernelSession:
                 interrupt=manager.interrupt_kernel,
                 request_metadata={"upstream": request.upstream},
                 on_output=request.on_output,
+                on_started=self.code_running.set,
                 silent=request.silent,
                 user_expressions=request.user_expressions,
             )
@@ -316,6 +326,10 @@ class KernelSession:
         }
 
     async def interrupt(self) -> None:
+        if self.busy and not self.code_running.is_set():
+            # Queued or starting: wait (briefly) until the code runs, or the signal is lost.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.code_running.wait(), INTERRUPT_WAIT_SECONDS)
         if self.manager is not None:
             await self.manager.interrupt_kernel()
 

@@ -289,3 +289,32 @@ def test_reflection_lists_the_services(provider):
     answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {s.name for answer in answers for s in answer.list_services_response.service}
     assert {"protocol.PythonService", "protocol.DomainPluginService", "grpc.health.v1.Health"} <= names
+
+
+def test_interrupt_waits_for_the_glyphs_code_to_start(fresh_provider):
+    """A run queued in the kernel behind someone else's code is the one interrupted, once it starts."""
+    from jupyter_client import BlockingKernelClient
+
+    plugin = fresh_provider("--execute-timeout", "30")
+    plugin.run("import time", "g")
+    (connection_file,) = plugin.connection_dir.glob("kernel-*.json")
+    person = BlockingKernelClient(connection_file=str(connection_file))
+    person.load_connection_file()
+    person.start_channels()
+    try:
+        person.wait_for_ready(timeout=30)
+        person.execute("time.sleep(1.5)\nperson_done = True")
+        request = python_pb2.PythonExecuteRequest(code="for _ in range(300): time.sleep(0.1)", glyph_id="g")
+        running = plugin.python.Execute.future(request, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and plugin.health().details["busy_kernels"] != "1":
+            time.sleep(0.02)
+        # The kernel is still busy with the person's code: the interrupt must wait for the glyph's.
+        status, _, _ = http(plugin, "POST", "/kernels/g/interrupt")
+        assert status == 200
+        result = running.result()
+        assert not result.success
+        assert "KeyboardInterrupt" in result.error and "timed out" not in result.error
+        assert plugin.run("person_done", "g")["result"] == "True"  # the person's code was not cut short
+    finally:
+        person.stop_channels()
