@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
+from jupyter_client import BlockingKernelClient
 
 from kernel_provider.proto import domain_pb2, domain_pb2_grpc, python_pb2, python_pb2_grpc
 
@@ -77,6 +80,31 @@ def terminate(process: subprocess.Popen) -> int:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
+
+
+def http(plugin: Plugin, method: str, path: str, body=None) -> tuple[int, dict, dict]:
+    """One request through HandleHTTP as QNTX forwards it; (status, headers, decoded JSON body).
+
+    ``body`` is bytes as given, or anything else JSON-encoded. Every answer must be JSON.
+    """
+    raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
+    response = plugin.domain.HandleHTTP(domain_pb2.HTTPRequest(method=method, path=path, body=raw), timeout=120)
+    headers = {h.name: list(h.values) for h in response.headers}
+    assert headers["Content-Type"][0].startswith("application/json")
+    return response.status_code, headers, json.loads(response.body)
+
+
+@contextmanager
+def attached_client(connection_file: Path) -> Iterator[BlockingKernelClient]:
+    """A second Jupyter client on a glyph's kernel, as a person attaching from JupyterLab would be."""
+    client = BlockingKernelClient(connection_file=str(connection_file))
+    client.load_connection_file()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        yield client
+    finally:
+        client.stop_channels()
 
 
 def kernel_pids_using(connection_dir: Path) -> list[int]:

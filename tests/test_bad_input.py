@@ -15,7 +15,7 @@ from urllib.parse import quote
 import grpc
 import pytest
 
-from conftest import RPC_TIMEOUT, launch
+from conftest import RPC_TIMEOUT, http, launch
 from kernel_provider.proto import domain_pb2, python_pb2
 
 GRPC_LIMIT = 4 * 1024 * 1024
@@ -199,14 +199,6 @@ def test_a_tiny_client_deadline_leaves_the_glyph_usable(provider):
 
 
 # ------------------------------------------------------------------ path-like and odd glyph ids
-
-
-def http(plugin, method: str, path: str, body=None) -> tuple[int, dict, dict]:
-    raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
-    response = plugin.domain.HandleHTTP(domain_pb2.HTTPRequest(method=method, path=path, body=raw), timeout=120)
-    headers = {h.name: list(h.values) for h in response.headers}
-    assert headers["Content-Type"][0].startswith("application/json")
-    return response.status_code, headers, json.loads(response.body)
 
 
 PATH_LIKE = ["../../x", "/etc/passwd", "..\\..\\x", "%2e%2e/x", "..", ".", "~", "a/../../b", "con", "g\u202eevil", "💥"]

@@ -7,8 +7,7 @@ import json
 import grpc
 import pytest
 
-from conftest import install_copy_of_python3
-from kernel_provider.proto import domain_pb2
+from conftest import http, install_copy_of_python3
 from kernel_provider.sessions import requested_kernel
 
 # The kernel reports which kernelspec started it through its connection file's kernel_name.
@@ -47,8 +46,7 @@ def test_directive_picks_the_kernelspec(two_spec_provider):
     kernels = json.loads(two_spec_provider.health().details["glyph_kernelspecs"])
     assert kernels == {"picky": "python3-copy"}
     assert two_spec_provider.health().details["kernelspecs"] == "python3,python3-copy"
-    answer = two_spec_provider.domain.HandleHTTP(domain_pb2.HTTPRequest(method="GET", path="/kernels"))
-    (entry,) = json.loads(answer.body)["kernels"]
+    (entry,) = http(two_spec_provider, "GET", "/kernels")[2]["kernels"]
     assert entry["kernel_name"] == "python3-copy"
 
 

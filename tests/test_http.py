@@ -13,20 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import attached_client, http
 from kernel_provider.proto import domain_pb2, python_pb2
 
 
 def glyph() -> str:
     return f"http-{uuid.uuid4().hex[:8]}"
-
-
-def http(plugin, method: str, path: str, body=None) -> tuple[int, dict, dict]:
-    """One request as QNTX forwards it; returns (status, headers, decoded JSON body)."""
-    raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
-    response = plugin.domain.HandleHTTP(domain_pb2.HTTPRequest(method=method, path=path, body=raw), timeout=120)
-    headers = {h.name: list(h.values) for h in response.headers}
-    assert headers["Content-Type"][0].startswith("application/json")
-    return response.status_code, headers, json.loads(response.body)
 
 
 def test_initialize_lists_every_route_and_the_job_handler(provider):
@@ -293,16 +285,10 @@ def test_reflection_lists_the_services(provider):
 
 def test_interrupt_waits_for_the_glyphs_code_to_start(fresh_provider):
     """A run queued in the kernel behind someone else's code is the one interrupted, once it starts."""
-    from jupyter_client import BlockingKernelClient
-
     plugin = fresh_provider("--execute-timeout", "30")
     plugin.run("import time", "g")
     (connection_file,) = plugin.connection_dir.glob("kernel-*.json")
-    person = BlockingKernelClient(connection_file=str(connection_file))
-    person.load_connection_file()
-    person.start_channels()
-    try:
-        person.wait_for_ready(timeout=30)
+    with attached_client(connection_file) as person:
         person.execute("time.sleep(1.5)\nperson_done = True")
         request = python_pb2.PythonExecuteRequest(code="for _ in range(300): time.sleep(0.1)", glyph_id="g")
         running = plugin.python.Execute.future(request, timeout=60)
@@ -316,5 +302,3 @@ def test_interrupt_waits_for_the_glyphs_code_to_start(fresh_provider):
         assert not result.success
         assert "KeyboardInterrupt" in result.error and "timed out" not in result.error
         assert plugin.run("person_done", "g")["result"] == "True"  # the person's code was not cut short
-    finally:
-        person.stop_channels()

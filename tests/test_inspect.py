@@ -28,31 +28,21 @@ import pytest
 from jupyter_client import BlockingKernelClient
 from tornado.websocket import websocket_connect
 
-from conftest import terminate
+from conftest import attached_client, http, terminate
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 START_TIMEOUT = 60
 
 
 def kernels_route(plugin) -> list[dict]:
-    from kernel_provider.proto import domain_pb2
-
-    response = plugin.domain.HandleHTTP(domain_pb2.HTTPRequest(method="GET", path="/kernels"), timeout=60)
-    assert response.status_code == 200
-    return json.loads(response.body)["kernels"]
+    status, _, answer = http(plugin, "GET", "/kernels")
+    assert status == 200
+    return answer["kernels"]
 
 
 def connection_file_of(plugin, glyph_id: str) -> Path:
     (kernel,) = [k for k in kernels_route(plugin) if k["glyph_id"] == glyph_id]
     return Path(kernel["connection_file"])
-
-
-def attached_client(connection_file: Path) -> BlockingKernelClient:
-    client = BlockingKernelClient(connection_file=str(connection_file))
-    client.load_connection_file()
-    client.start_channels()
-    client.wait_for_ready(timeout=30)
-    return client
 
 
 def evaluate(client: BlockingKernelClient, expr: str) -> str:
@@ -75,14 +65,11 @@ def test_a_person_attaches_to_a_glyph_kernel_through_its_connection_file(fresh_p
     assert info["kernel_provider"]["glyph_id"] == "inspected"
     assert info["kernel_provider"]["plugin"] == "python"
 
-    person = attached_client(path)
-    try:
+    with attached_client(path) as person:
         assert evaluate(person, "seen_by_person") == "21"
         assert evaluate(person, "__glyph_id__") == "'inspected'"
         reply = person.execute_interactive("set_by_person = seen_by_person * 2", timeout=30)
         assert reply["content"]["status"] == "ok"
-    finally:
-        person.stop_channels()
     assert plugin.run("set_by_person + 1", "inspected")["result"] == "43"
 
 

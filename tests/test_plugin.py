@@ -12,9 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from jupyter_client import BlockingKernelClient
 
-from conftest import PLUGIN_EXECUTABLE, install_copy_of_python3
+from conftest import PLUGIN_EXECUTABLE, attached_client, install_copy_of_python3
 from kernel_provider.proto import domain_pb2, python_pb2
 
 EMPTY = domain_pb2.Empty()
@@ -270,11 +269,7 @@ def test_another_clients_code_never_leaks_into_an_answer(fresh_provider):
     plugin = fresh_provider()
     plugin.run("import time", "g")
     (connection_file,) = plugin.connection_dir.glob("*.json")
-    person = BlockingKernelClient(connection_file=str(connection_file))
-    person.load_connection_file()
-    person.start_channels()
-    try:
-        person.wait_for_ready(timeout=30)
+    with attached_client(connection_file) as person:
         # The person's loop prints while the glyph's run is queued behind it and then runs.
         person.execute("for i in range(20):\n    print('person', i, flush=True)\n    time.sleep(0.05)")
         result = plugin.run("print('glyph')\n'glyph value'", "g")
@@ -284,8 +279,6 @@ def test_another_clients_code_never_leaks_into_an_answer(fresh_provider):
         # And the person's session is unharmed: it sees the glyph's state.
         reply = person.execute_interactive("assert __glyph_id__ == 'g'", timeout=30)
         assert reply["content"]["status"] == "ok"
-    finally:
-        person.stop_channels()
 
 
 def test_kernel_provider_run_starts_a_provider_for_the_call():

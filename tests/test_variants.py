@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import install_copy_of_python3
+from conftest import http, install_copy_of_python3
 from kernel_provider import cli
 from kernel_provider.proto import domain_pb2
 from kernel_provider.sessions import connection_file_name
@@ -31,8 +31,7 @@ def variant(*args: str) -> int:
 
 
 def kernels(plugin) -> list[dict]:
-    request = domain_pb2.HTTPRequest(method="GET", path="/kernels", body=b"")
-    return json.loads(plugin.domain.HandleHTTP(request, timeout=60).body)["kernels"]
+    return http(plugin, "GET", "/kernels")[2]["kernels"]
 
 
 def test_install_writes_an_executable_launcher_marked_as_ours(tmp_path, jupyter_env, capsys):
