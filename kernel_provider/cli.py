@@ -142,13 +142,12 @@ def setup_logging(level: str) -> None:
 
 
 def run_server(settings: Settings) -> int:
-    from kernel_provider.provider import check_kernelspec
+    from kernel_provider.provider import check_kernelspecs
     from kernel_provider.server import BindError, serve
 
     setup_logging(settings.log_level)
     try:
-        for name in settings.served_kernels:
-            check_kernelspec(name)
+        check_kernelspecs(*settings.served_kernels)
     except ConfigError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernel_provider.kernels import kernel_interpreter
+
 KERNEL_PREFIX = "qntx-"
 CREATED_BY = "kernel-provider env create"
 DEFINITION_FILE = "env.json"
@@ -206,10 +208,7 @@ def create(definition: Definition, envs_dir: Path | None = None, user: bool = Fa
 def _python_version(argv: list[str]) -> str | None:
     if not argv:
         return None
-    exe = argv[0]
-    # jupyter_client runs a bare "python"/"python3" as its own interpreter (KernelManager.format_kernel_cmd).
-    if exe in {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}:
-        exe = sys.executable
+    exe = kernel_interpreter(argv)
     try:
         done = subprocess.run(
             [exe, "-c", "import platform; print(platform.python_version())"],

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from kernel_provider.kernels import kernel_interpreter
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import BadRequest, decode_upstream, load_json, validate_code, validate_glyph_id
 from kernel_provider.sessions import ProviderClosing
@@ -224,11 +225,8 @@ _KERNEL_VERSIONS_PROBE = (
 async def kernel_versions(kernel_name: str) -> dict[str, Any]:
     """Python and ipykernel versions of a kernelspec's own interpreter (which may not be ours)."""
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
-    interpreter = spec.argv[0]
-    if interpreter in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"):
-        interpreter = sys.executable  # jupyter_client runs these names with its own interpreter
     process = await asyncio.create_subprocess_exec(
-        interpreter,
+        kernel_interpreter(spec.argv),
         "-c",
         _KERNEL_VERSIONS_PROBE,
         stdout=asyncio.subprocess.PIPE,

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,18 @@ class StartedKernel:
     @property
     def connection_file(self) -> Path:
         return Path(self.manager.connection_file)
+
+
+def kernel_interpreter(argv: list[str]) -> str:
+    """The program jupyter_client really runs for a kernelspec's argv.
+
+    Like KernelManager.format_kernel_cmd, a bare "python", "python3" or "python3.X" of
+    our own version means the interpreter jupyter_client itself runs in.
+    """
+    version = sys.version_info
+    if argv[0] in {"python", f"python{version[0]}", f"python{version[0]}.{version[1]}"}:
+        return sys.executable
+    return argv[0]
 
 
 def transport_options(connection_file: Path) -> dict[str, str]:

@@ -25,12 +25,13 @@ def installed_kernelspecs() -> list[str]:
     return sorted(KernelSpecManager().find_kernel_specs())
 
 
-def check_kernelspec(name: str) -> None:
-    """Raise ConfigError naming the installed kernelspecs when ``name`` is not one of them."""
+def check_kernelspecs(*names: str) -> None:
+    """Raise ConfigError naming the installed kernelspecs when one of ``names`` is not among them."""
     installed = installed_kernelspecs()
-    if name not in installed:
-        listing = ", ".join(installed) or "none"
-        raise ConfigError(f"No kernelspec named {name!r} is installed; installed kernelspecs: {listing}.")
+    for name in names:
+        if name not in installed:
+            listing = ", ".join(installed) or "none"
+            raise ConfigError(f"No kernelspec named {name!r} is installed; installed kernelspecs: {listing}.")
 
 
 class Provider:
@@ -52,8 +53,7 @@ class Provider:
 
     async def apply_config(self, config: dict[str, str]) -> None:
         settings = self.base_settings.with_config(config)
-        for name in settings.served_kernels:
-            check_kernelspec(name)
+        check_kernelspecs(*settings.served_kernels)
         self.settings = settings
         await self.sessions.reconfigure(settings)
 

@@ -124,14 +124,20 @@ class KernelSession:
         self.code_running = asyncio.Event()
         self.execution_count = 0
         self.kernel_id: str | None = None
-        self.manager: AsyncKernelManager | None = None
-        self.client: AsyncKernelClient | None = None
         # A kernel start runs as its own task, shielded from the run that asked for it:
         # a cancelled run must not leave a half-started kernel nobody will stop.
         self._starting: asyncio.Task | None = None
-        self.kernel: StartedKernel | None = None
+        self.kernel: StartedKernel | None = None  # None until started, and once stopped
         name = connection_file_name(glyph_id) if glyph_id else f"kernel-once-{uuid.uuid4().hex}.json"
         self.connection_file = supply.connection_dir / name
+
+    @property
+    def manager(self) -> AsyncKernelManager | None:
+        return self.kernel.manager if self.kernel is not None else None
+
+    @property
+    def client(self) -> AsyncKernelClient | None:
+        return self.kernel.client if self.kernel is not None else None
 
     async def run(self, request: RunRequest) -> ExecutionResult:
         result, _ = await self.run_with_expressions(request)
@@ -296,7 +302,6 @@ class KernelSession:
             await self.supply.give_back(kernel)
             raise
         self.kernel, self._callback_token = kernel, token
-        self.manager, self.client = kernel.manager, kernel.client
         self.kernel_id = str(uuid.uuid4())
         self.execution_count = 0
         log.info("started kernel %s for glyph %r", self.kernel_name, self.glyph_id)
@@ -351,7 +356,7 @@ class KernelSession:
         if self._starting is not None and not self._starting.done():
             await asyncio.gather(self._starting, return_exceptions=True)
         kernel = self.kernel
-        self.kernel = self.manager = self.client = None
+        self.kernel = None
         if self.callbacks is not None:
             self.callbacks.forget(self._callback_token)
             self._callback_token = None
@@ -399,7 +404,8 @@ class SessionManager:
                 f"it serves: {', '.join(served)}."
             )
         if not glyph_id:
-            return await self._execute_once(request, kernel_name)
+            result, _ = await self._run_once(request, kernel_name)
+            return result
         reset = self._reset_reasons.pop(glyph_id, None)
         notice = f"{reset}; its state was reset." if reset else None
         if glyph_id in self._retiring:
@@ -427,12 +433,10 @@ class SessionManager:
             silent=True,
             user_expressions={"value": expression},
         )
-        session = self._session(glyph_id) if glyph_id else self._new_session("", self.settings.kernel)
-        try:
-            result, answers = await session.run_with_expressions(request)
-        finally:
-            if not glyph_id:
-                await session.stop()
+        if glyph_id:
+            result, answers = await self._session(glyph_id).run_with_expressions(request)
+        else:
+            result, answers = await self._run_once(request, self.settings.kernel)
         return result, answers.get("value", {})
 
     def _new_session(self, glyph_id: str, kernel_name: str) -> KernelSession:
@@ -505,12 +509,12 @@ class SessionManager:
         await self._retire(session)
         return True
 
-    async def _execute_once(self, request: RunRequest, kernel_name: str) -> ExecutionResult:
+    async def _run_once(self, request: RunRequest, kernel_name: str) -> tuple[ExecutionResult, dict[str, Any]]:
         """QNTX's watcher actions send no glyph: they get a kernel for this one run."""
         session = self._new_session("", kernel_name)
-        self._throwaway.add(session)
+        self._throwaway.add(session)  # so that shutdown stops it too
         try:
-            return await session.run(request)
+            return await session.run_with_expressions(request)
         finally:
             self._throwaway.discard(session)
             await session.stop()

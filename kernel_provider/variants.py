@@ -92,11 +92,11 @@ def check_name(name: str) -> None:
 
 
 def install(name: str, kernelspec: str, directory: Path, force: bool = False) -> Variant:
-    from kernel_provider.provider import check_kernelspec
+    from kernel_provider.provider import check_kernelspecs
 
     check_name(name)
     try:
-        check_kernelspec(kernelspec)
+        check_kernelspecs(kernelspec)
     except ConfigError as exc:
         raise VariantError(str(exc), 2) from None
     directory = directory.expanduser()
