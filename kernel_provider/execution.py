@@ -25,6 +25,9 @@ LIVENESS_POLL_SECONDS = 0.25
 # How long an interrupted kernel has to come back to idle before we give up on it.
 INTERRUPT_GRACE_SECONDS = 3.0
 
+# How long a reply may trail the kernel's idle status before we take it as never coming.
+REPLY_AFTER_IDLE_SECONDS = 5.0
+
 # Metadata key of our execute_requests; the prelude's pre_run_cell hook reads it.
 REQUEST_METADATA_KEY = "kernel_provider"
 
@@ -275,13 +278,40 @@ async def run_code(
             collector.handle(iopub)
 
     # ipykernel sends the reply before it reports idle, so this does not wait in practice;
-    # it keeps the shell channel free of stale replies.
-    while True:
-        reply = await next_message(client.get_shell_msg)
-        if reply is not None:
+    # it keeps the shell channel free of stale replies. But an interrupt that lands in
+    # ipykernel's own request handling, just before or after the code, ends the request
+    # with idle and no reply: the kernel is fine, and waiting out the deadline would only
+    # end in a needless restart.
+    reply: dict[str, Any] = {"content": {}}
+    reply_deadline = time.monotonic() + REPLY_AFTER_IDLE_SECONDS
+    while (remaining := reply_deadline - time.monotonic()) > 0:
+        try:
+            answer = await client.get_shell_msg(timeout=remaining)
+        except queue.Empty:
+            break
+        if answer.get("parent_header", {}).get("msg_id") == msg_id:
+            reply = answer
             if not silent:
                 execution_count = reply["content"].get("execution_count", execution_count)
             break
+    if not reply["content"]:
+        reply["content"] = {
+            "status": "error",
+            "ename": "KeyboardInterrupt",
+            "evalue": "the kernel was interrupted in its own handling of this code and sent no reply",
+        }
+    # The reply is the kernel's verdict. It can say error without an error output on iopub
+    # (IPython failing to format an interrupt's traceback), and the run failed all the same.
+    content = reply["content"]
+    if content.get("status") == "error" and not any(o["output_type"] == "error" for o in collector.outputs):
+        collector.outputs.append(
+            {
+                "output_type": "error",
+                "ename": content.get("ename", "Error"),
+                "evalue": content.get("evalue", ""),
+                "traceback": content.get("traceback", []),
+            }
+        )
 
     return RunOutcome(
         outputs=collector.finish(),
