@@ -10,13 +10,16 @@ update_display_data.
 from __future__ import annotations
 
 import asyncio
-import queue
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jupyter_client.asynchronous import AsyncKernelClient
+from kernel_provider.kernels.connection import ConnectionClosed, KernelConnection
+
+log = logging.getLogger(__name__)
 
 # How often a quiet kernel is checked for death while we wait on it. Only a run
 # that is silent for this long pays the check, so it costs normal runs nothing.
@@ -198,8 +201,21 @@ def _bundle_size(data: dict[str, Any]) -> int:
     return size
 
 
+# An input_request whose prompt starts with this is a call of the prelude's attest() or last(),
+# not a person's input(): the provider answers it (see prelude.py and attestations.py).
+SERVICE_PROMPT = "\x00kernel_provider:"
+# The answer to any other input_request: EOF. The prelude makes input() fail before it asks,
+# so this only answers a kernel that was not set up by us (or code that went around it).
+EOF_ANSWER = "\x04"
+
+# attest() checks its requests against this too, so that it can say what is wrong before sending.
+MAX_SERVICE_REQUEST_CHARS = 1_000_000
+# A handler for service calls a kernel makes mid-run: gets the decoded request, answers JSON.
+ServiceHandler = Callable[[Any], Awaitable[Any]]
+
+
 async def run_code(
-    client: AsyncKernelClient,
+    connection: KernelConnection,
     code: str,
     *,
     timeout: float,
@@ -209,6 +225,7 @@ async def run_code(
     request_metadata: dict[str, Any] | None = None,
     on_output: Callable[[dict[str, Any]], None] | None = None,
     on_started: Callable[[], None] | None = None,
+    on_service_call: ServiceHandler | None = None,
     silent: bool = False,
     user_expressions: dict[str, str] | None = None,
 ) -> RunOutcome:
@@ -216,100 +233,100 @@ async def run_code(
 
     On timeout the kernel is interrupted and the outputs up to then are kept
     (``timed_out`` is set). ``on_started`` is called once the kernel has begun the code
-    (its execute_input): from then on an interrupt reaches the code. A ``silent`` run
-    leaves no trace in the kernel's history or execution count. Raises KernelDied when
-    the kernel process goes away, and InterruptFailed when an interrupt does not return
-    it to idle in time.
+    (its execute_input): from then on an interrupt reaches the code. ``on_service_call``
+    answers the prelude's attest()/last(), which travel on the kernel's stdin channel. A
+    ``silent`` run leaves no trace in the kernel's history or execution count. Raises
+    KernelDied when the kernel process goes away, and InterruptFailed when an interrupt
+    does not return it to idle in time.
     """
     content = {
         "code": code,
         "silent": silent,
         "store_history": not silent,
         "user_expressions": user_expressions or {},
-        # input() must fail at once instead of waiting for a person who is not there.
-        "allow_stdin": False,
+        # The prelude's attest() and last() ask over stdin; input() itself still fails at once.
+        "allow_stdin": True,
         # An error of ours must not abort what another attached client has queued.
         "stop_on_error": False,
     }
     metadata = {REQUEST_METADATA_KEY: request_metadata or {}}
-    msg = client.session.msg("execute_request", content, metadata=metadata)
-    msg_id = msg["header"]["msg_id"]
-    client.shell_channel.send(msg)
-
+    inbox = connection.request("shell", "execute_request", content, metadata)
     collector = OutputCollector(limit=output_limit, on_output=on_output)
     execution_count: int | None = None
     timed_out = False
     deadline = time.monotonic() + timeout
-
-    async def next_message(receive: Callable[..., Awaitable[dict[str, Any]]]) -> dict[str, Any] | None:
-        """One message of ours, or None when the wait should be re-checked."""
-        nonlocal deadline, timed_out
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if timed_out:
-                raise InterruptFailed(collector.finish())
-            timed_out = True
-            await interrupt()
-            deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
-            return None
-        try:
-            reply = await receive(timeout=min(remaining, LIVENESS_POLL_SECONDS))
-        except queue.Empty:
-            if not await is_alive():
+    reply: dict[str, Any] | None = None
+    idle, idle_at = False, 0.0
+    services: set[asyncio.Task] = set()
+    try:
+        while reply is None or not idle:
+            now = time.monotonic()
+            if idle:  # the reply may trail idle, or never come (see below)
+                if now >= idle_at + REPLY_AFTER_IDLE_SECONDS:
+                    break
+                wait = idle_at + REPLY_AFTER_IDLE_SECONDS - now
+            elif now >= deadline:
+                if timed_out:
+                    raise InterruptFailed(collector.finish())
+                timed_out = True
+                await interrupt()
+                deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+                continue
+            else:
+                wait = deadline - now
+            try:
+                channel, msg = await inbox.get(min(wait, LIVENESS_POLL_SECONDS))
+            except TimeoutError:
+                if not await is_alive():
+                    raise KernelDied(collector.finish()) from None
+                continue
+            except ConnectionClosed:
                 raise KernelDied(collector.finish()) from None
-            return None
-        if reply.get("parent_header", {}).get("msg_id") != msg_id:
-            return None
-        return reply
+            msg_type = msg["msg_type"]
+            if channel == "shell":
+                if msg_type == "execute_reply":
+                    reply = msg
+            elif channel == "stdin":
+                if msg_type == "input_request":
+                    task = asyncio.ensure_future(_answer_input(connection, msg, on_service_call))
+                    services.add(task)
+                    task.add_done_callback(services.discard)
+            elif msg_type == "status":
+                if msg["content"].get("execution_state") == "idle":
+                    idle, idle_at = True, time.monotonic()
+            elif msg_type == "execute_input":
+                execution_count = msg["content"].get("execution_count")
+                if on_started is not None:
+                    on_started()
+            else:
+                collector.handle(msg)
+    finally:
+        connection.forget(inbox)
+        for task in services:
+            task.cancel()
 
-    while True:
-        iopub = await next_message(client.get_iopub_msg)
-        if iopub is None:
-            continue
-        msg_type = iopub["msg_type"]
-        if msg_type == "status":
-            if iopub["content"].get("execution_state") == "idle":
-                break
-        elif msg_type == "execute_input":
-            execution_count = iopub["content"].get("execution_count")
-            if on_started is not None:
-                on_started()
-        else:
-            collector.handle(iopub)
-
-    # ipykernel sends the reply before it reports idle, so this does not wait in practice;
-    # it keeps the shell channel free of stale replies. But an interrupt that lands in
+    # ipykernel sends the reply before it reports idle. But an interrupt that lands in
     # ipykernel's own request handling, just before or after the code, ends the request
     # with idle and no reply: the kernel is fine, and waiting out the deadline would only
     # end in a needless restart.
-    reply: dict[str, Any] = {"content": {}}
-    reply_deadline = time.monotonic() + REPLY_AFTER_IDLE_SECONDS
-    while (remaining := reply_deadline - time.monotonic()) > 0:
-        try:
-            answer = await client.get_shell_msg(timeout=remaining)
-        except queue.Empty:
-            break
-        if answer.get("parent_header", {}).get("msg_id") == msg_id:
-            reply = answer
-            if not silent:
-                execution_count = reply["content"].get("execution_count", execution_count)
-            break
-    if not reply["content"]:
-        reply["content"] = {
+    answer = reply["content"] if reply is not None else {}
+    if reply is not None and not silent:
+        execution_count = answer.get("execution_count", execution_count)
+    if not answer:
+        answer = {
             "status": "error",
             "ename": "KeyboardInterrupt",
             "evalue": "the kernel was interrupted in its own handling of this code and sent no reply",
         }
     # The reply is the kernel's verdict. It can say error without an error output on iopub
     # (IPython failing to format an interrupt's traceback), and the run failed all the same.
-    content = reply["content"]
-    if content.get("status") == "error" and not any(o["output_type"] == "error" for o in collector.outputs):
+    if answer.get("status") == "error" and not any(o["output_type"] == "error" for o in collector.outputs):
         collector.outputs.append(
             {
                 "output_type": "error",
-                "ename": content.get("ename", "Error"),
-                "evalue": content.get("evalue", ""),
-                "traceback": content.get("traceback", []),
+                "ename": answer.get("ename", "Error"),
+                "evalue": answer.get("evalue", ""),
+                "traceback": answer.get("traceback", []),
             }
         )
 
@@ -318,18 +335,132 @@ async def run_code(
         execution_count=execution_count,
         timed_out=timed_out,
         dropped_bytes=collector.dropped_bytes,
-        user_expressions=reply["content"].get("user_expressions") or {},
+        user_expressions=answer.get("user_expressions") or {},
     )
 
 
-async def run_silently(client: AsyncKernelClient, code: str, *, timeout: float) -> None:
+async def _answer_input(connection: KernelConnection, request: dict[str, Any], handler: ServiceHandler | None) -> None:
+    """Answer an input_request: a service call of the prelude's, or EOF for anything else."""
+    prompt = request["content"].get("prompt", "")
+    if not (isinstance(prompt, str) and prompt.startswith(SERVICE_PROMPT)):
+        connection.reply("stdin", "input_reply", {"value": EOF_ANSWER}, request)
+        return
+    try:
+        if handler is None:
+            raise ServiceError("this run has no connection to the attestation service.")
+        if len(prompt) > MAX_SERVICE_REQUEST_CHARS:
+            raise ServiceError(f"the request is larger than {MAX_SERVICE_REQUEST_CHARS} characters.")
+        answer = {"ok": True, "result": await handler(json.loads(prompt[len(SERVICE_PROMPT) :]))}
+    except ServiceError as exc:
+        error = str(exc)
+        answer = {"ok": False, "error": error if error.endswith(".") else f"{error}."}
+    except ValueError:
+        answer = {"ok": False, "error": "the request is not JSON."}
+    except Exception as exc:  # a bug of ours must reach the glyph as an error
+        log.exception("a kernel's service call failed")
+        answer = {"ok": False, "error": f"internal error of the kernel provider: {type(exc).__name__}: {exc}"}
+    connection.reply("stdin", "input_reply", {"value": json.dumps(answer)}, request)
+
+
+class ServiceError(Exception):
+    """A service call the kernel should hear about; the message is one sentence for a person."""
+
+
+async def request_reply(
+    connection: KernelConnection,
+    msg_type: str,
+    content: dict[str, Any],
+    *,
+    timeout: float,
+    channel: str = "shell",
+) -> dict[str, Any]:
+    """Send a request and return its reply's content; TimeoutError when none comes in time."""
+    inbox = connection.request(channel, msg_type, content)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                got, msg = await inbox.get(timeout)
+                if got == channel and msg["msg_type"].endswith("_reply"):
+                    return msg["content"]
+    finally:
+        connection.forget(inbox)
+
+
+async def run_silently(connection: KernelConnection, code: str, *, timeout: float) -> None:
     """Run set-up code that must not show up in history or outputs; raise if it fails."""
-    msg_id = client.execute(code, silent=True, store_history=False, allow_stdin=False)
-    async with asyncio.timeout(timeout):
-        while True:
-            reply = await client.get_shell_msg()
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-    if reply["content"].get("status") != "ok":
-        content = reply["content"]
-        raise RuntimeError(f"kernel set-up failed: {content.get('ename')}: {content.get('evalue')}")
+    content = {"code": code, "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+    answer = await request_reply(connection, "execute_request", content, timeout=timeout)
+    if answer.get("status") != "ok":
+        raise RuntimeError(f"kernel set-up failed: {answer.get('ename')}: {answer.get('evalue')}")
+
+
+async def wait_for_ready(
+    connection: KernelConnection, is_alive: Callable[[], Awaitable[bool]], timeout: float
+) -> dict[str, Any]:
+    """Wait until the kernel answers kernel_info on shell *and* its iopub reaches us.
+
+    A SUB socket misses what is published before its subscription lands, so a kernel is
+    ready only once the status messages of one of our requests arrive on iopub too.
+    Returns the kernel_info reply's content.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        inbox = connection.request("shell", "kernel_info_request", {})
+        info = None
+        try:
+            # A request's iopub status may arrive before or after its reply; wait for both.
+            end = time.monotonic() + 1.0
+            seen_iopub = False
+            while (remaining := end - time.monotonic()) > 0 and not (info is not None and seen_iopub):
+                try:
+                    channel, msg = await inbox.get(remaining)
+                except TimeoutError:
+                    break
+                if channel == "shell" and msg["msg_type"] == "kernel_info_reply":
+                    info = msg["content"]
+                    end = min(end, time.monotonic() + 0.2)
+                elif channel == "iopub":
+                    seen_iopub = True
+            if info is not None and seen_iopub:
+                await connection.ready(max(deadline - time.monotonic(), 1.0))
+                return info
+        finally:
+            connection.forget(inbox)
+        if not await is_alive():
+            raise RuntimeError("the kernel died before it answered kernel_info")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the kernel did not answer within {timeout:g} seconds")
+
+
+async def interrupt_until_idle(
+    connection: KernelConnection,
+    interrupt: Callable[[], Awaitable[None]],
+    is_alive: Callable[[], Awaitable[bool]],
+    grace: float,
+) -> bool:
+    """Interrupt whatever the kernel runs and wait until it takes requests again; False if it does not.
+
+    An empty silent request queued behind the running one is answered only once the
+    kernel is done with it; an interrupt that lands before the code started is ignored
+    by the kernel, hence one more each second.
+    """
+    await interrupt()
+    content = {"code": "", "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+    inbox = connection.request("shell", "execute_request", content)
+    deadline = time.monotonic() + grace
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                channel, msg = await inbox.get(min(remaining, 1.0))
+            except TimeoutError:
+                if not await is_alive():
+                    return False
+                await interrupt()
+                continue
+            if channel == "shell":
+                return True
+    except ConnectionClosed:
+        return False
+    finally:
+        connection.forget(inbox)
+    return False

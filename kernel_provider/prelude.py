@@ -2,14 +2,21 @@
 
 This file is sent to the kernel as source text and never imported by the
 provider, so it may use only the standard library and IPython: the kernelspec
-can be any Python that has ipykernel. It makes ``__glyph_id__`` name the glyph,
-``upstream`` hold the attestation that QNTX sent with each run, and defines
-``attest``, ``last`` and ``AttestationError``, which reach QNTX's attestation store
-through the provider (kernel_provider/attestations.py).
+can be any Python that has ipykernel. It makes ``upstream`` hold the attestation
+that QNTX sent with each run, and defines ``attest``, ``last`` and
+``AttestationError``, which reach QNTX's attestation store through the provider
+(kernel_provider/attestations.py). The provider runs it once per kernel, before
+the kernel is any glyph's; ``__glyph_id__`` is set when a glyph claims the kernel.
+
+attest() and last() ask the provider on the kernel's own stdin channel: an
+input_request whose prompt is a marker and a JSON request, answered with a JSON
+input_reply. That channel needs no network (a sandboxed kernel has none) and reaches
+the provider wherever the kernel runs; and the provider knows whose kernel asked,
+so a kernel cannot speak for another glyph.
 """
 
 
-def _kernel_provider_setup(glyph_id, callback_port=None, token=None, memory_limit_mb=None):
+def _kernel_provider_setup(memory_limit_mb=None):
     ip = get_ipython()  # noqa: F821 - defined inside an IPython kernel
     if memory_limit_mb:
         # Data memory (heap and private mappings), not address space: an idle kernel
@@ -18,36 +25,45 @@ def _kernel_provider_setup(glyph_id, callback_port=None, token=None, memory_limi
 
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    ip.user_ns["__glyph_id__"] = glyph_id
     ip.user_ns["upstream"] = None
-    ip.user_ns.update(_attestation_functions(callback_port, token))
+    kernel = ip.kernel
+    ask_provider = type(kernel).raw_input.__get__(kernel)  # before input() is turned off below
 
-    def set_upstream(info):
-        # Only the provider's own requests carry this metadata: a person attached
-        # from JupyterLab runs code without touching `upstream`.
-        get_parent = getattr(ip.kernel, "get_parent", None)  # ipykernel >= 6
+    def provider_request():
+        # Only the provider's own requests carry this metadata: a person attached from
+        # JupyterLab runs code without touching `upstream`, and cannot call the provider.
+        get_parent = getattr(kernel, "get_parent", None)  # ipykernel >= 6
         parent = (get_parent() if get_parent else getattr(ip, "parent_header", None)) or {}
         request = (parent.get("metadata") or {}).get("kernel_provider")
-        if isinstance(request, dict):
+        return request if isinstance(request, dict) else None
+
+    def set_upstream(info):
+        request = provider_request()
+        if request is not None:
             ip.user_ns["upstream"] = request.get("upstream")
 
     ip.events.register("pre_run_cell", set_upstream)
+    ip.user_ns.update(_attestation_functions(ask_provider, provider_request))
+
+    # Nobody answers input() in a glyph: fail at once, as with a front end without stdin.
+    from IPython.core.error import StdinNotImplementedError
+
+    def no_input(prompt="", *args, **kwargs):
+        __tracebackhide__ = True
+        raise StdinNotImplementedError("a glyph does not support input requests: nobody is there to answer.")
+
+    kernel.raw_input = no_input
+    kernel.getpass = no_input
 
 
-def _attestation_functions(callback_port, token):
-    """attest(), last() and AttestationError, speaking JSON lines to the provider on 127.0.0.1.
-
-    The token stays in these closures rather than the namespace, so that it does not show
-    up in the glyph's variables; it names this kernel's glyph to the provider.
-    """
+def _attestation_functions(ask_provider, provider_request):
+    """attest(), last() and AttestationError, asking the provider over the kernel's stdin channel."""
     import json
     import math
-    import socket
 
-    # Under the provider's 1 MB line limit, so that we can say what is wrong before sending.
+    service_prompt = "\x00kernel_provider:"  # execution.SERVICE_PROMPT
+    # Keeps a request well under QNTX's 4 MB gRPC limit once the provider forwards it.
     max_request_bytes = 1_000_000
-    # The provider gives the store 10 s; the rest is margin for the hop itself.
-    reply_timeout = 30
     max_exact_int = 2**53  # the store keeps numbers as doubles
     max_depth = 100
 
@@ -102,18 +118,14 @@ def _attestation_functions(callback_port, token):
 
     def call(method, params):
         __tracebackhide__ = True
-        if not callback_port:
-            raise AttestationError("this kernel was started without a connection to the kernel provider.")
-        request = (json.dumps({"token": token, "method": method, "params": params}) + "\n").encode()
-        if len(request) > max_request_bytes:
-            raise ValueError(f"the request is {len(request)} bytes; the limit is {max_request_bytes}.")
-        try:
-            with socket.create_connection(("127.0.0.1", callback_port), timeout=reply_timeout) as conn:
-                conn.sendall(request)
-                with conn.makefile("rb") as replies:
-                    reply = replies.readline()
-        except OSError as exc:
-            raise AttestationError(f"could not reach the kernel provider: {exc}") from None
+        if provider_request() is None:
+            raise AttestationError(
+                "attest() and last() work in the glyph's own runs, not from a client attached to its kernel."
+            )
+        request = json.dumps({"method": method, "params": params})
+        if len(request.encode()) > max_request_bytes:
+            raise ValueError(f"the request is {len(request.encode())} bytes; the limit is {max_request_bytes}.")
+        reply = ask_provider(service_prompt + request)
         try:
             answer = json.loads(reply)
         except ValueError:
@@ -125,7 +137,8 @@ def _attestation_functions(callback_port, token):
     def attest(subjects, predicates, contexts, actors=None, attributes=None):
         """Record that subjects have predicates in contexts; return the stored attestation as a dict.
 
-        actors defaults to this glyph (glyph:<id>); attributes is a JSON-serialisable dict.
+        The provider names this glyph (glyph:<id>) as the first actor; actors adds more, never
+        another glyph. attributes is a JSON-serialisable dict.
         """
         __tracebackhide__ = True
         params = {

@@ -9,7 +9,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from kernel_provider.attestations import CallbackServer
+from kernel_provider.attestations import AttestationService, StoreAddress
 from kernel_provider.config import ConfigError, Settings
 from kernel_provider.sessions import RunRequest, SessionManager
 
@@ -42,14 +42,17 @@ class Provider:
         # that a later Initialize leaves out goes back to the flag's value.
         self.base_settings = settings
         self.settings = settings
-        # Serves the attest() and last() of every glyph kernel; see attestations.py.
-        self.callbacks = CallbackServer(self)
-        self.sessions = SessionManager(settings, self.callbacks)
         self.stopping = asyncio.Event()
         self.version = __version__
         # Where attest() and last() reach QNTX's attestation store; set by Initialize.
         self.ats_store_endpoint = ""
         self.auth_token = ""
+        # Serves the attest() and last() of every glyph kernel; see attestations.py.
+        self.attestations = AttestationService(self.store_address)
+        self.sessions = SessionManager(settings, self.attestations)
+
+    def store_address(self) -> StoreAddress:
+        return StoreAddress(self.ats_store_endpoint, self.auth_token, self.settings.name, self.version)
 
     async def apply_config(self, config: dict[str, str]) -> None:
         settings = self.base_settings.with_config(config)

@@ -1,6 +1,6 @@
 """Glyph sessions: one persistent Jupyter kernel per glyph_id.
 
-A KernelSession owns one kernel (its manager, its client, a lock that makes the
+A KernelSession owns one kernel (from the kernel layer, with a lock that makes the
 glyph's runs go one at a time in arrival order). The SessionManager maps
 glyph ids to sessions, makes throwaway kernels for runs without a glyph, and
 stops everything on shutdown. Failures of one kernel (a timeout that will not
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import queue
 import re
 import time
 import uuid
@@ -23,15 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jupyter_client import AsyncKernelManager
-from jupyter_client.asynchronous import AsyncKernelClient
-
 from kernel_provider import prelude
 from kernel_provider.config import Settings, ensure_private_dir
 from kernel_provider.execution import (
     INTERRUPT_GRACE_SECONDS,
     InterruptFailed,
     KernelDied,
+    interrupt_until_idle,
     run_code,
     run_silently,
 )
@@ -41,12 +37,11 @@ from kernel_provider.kernels import (
     KernelSupply,
     StartedKernel,
     clean_stale_files,
-    label_connection_file,
 )
 from kernel_provider.results import ExecutionResult
 
 if TYPE_CHECKING:
-    from kernel_provider.attestations import CallbackServer
+    from kernel_provider.attestations import AttestationService
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +82,6 @@ def requested_kernel(code: str) -> str | None:
     return match.group("name") if match else None
 
 
-def connection_file_name(glyph_id: str) -> str:
-    """A file name for a glyph's connection file that can never leave its folder.
-
-    The readable part keeps only safe characters; the hash keeps two glyph ids
-    that differ in other characters apart.
-    """
-    readable = re.sub(r"[^A-Za-z0-9_-]", "_", glyph_id)[:40]
-    digest = hashlib.sha256(glyph_id.encode("utf-8", "replace")).hexdigest()[:12]
-    return f"kernel-{readable}-{digest}.json"
-
-
 class KernelSession:
     """One glyph's kernel, started on first use and kept alive between runs."""
 
@@ -106,16 +90,18 @@ class KernelSession:
         glyph_id: str,
         kernel_name: str,
         supply: KernelSupply,
-        callbacks: CallbackServer | None = None,
+        attestations: AttestationService | None = None,
         memory_limit_mb: int | None = None,
+        actor: str | None = None,
     ):
         self.glyph_id = glyph_id
         self.kernel_name = kernel_name
         self.supply = supply
-        # Where the kernel's attest() and last() call back; its token names this glyph.
-        self.callbacks = callbacks
+        # Answers the kernel's attest() and last(), as this session's actor: the provider
+        # decides who is acting, from whose kernel asked.
+        self.attestations = attestations
+        self.actor = actor or f"glyph:{glyph_id}"
         self.memory_limit_mb = memory_limit_mb
-        self._callback_token: str | None = None
         self.lock = asyncio.Lock()
         self.last_activity = time.time()
         self.busy = False
@@ -128,16 +114,10 @@ class KernelSession:
         # a cancelled run must not leave a half-started kernel nobody will stop.
         self._starting: asyncio.Task | None = None
         self.kernel: StartedKernel | None = None  # None until started, and once stopped
-        name = connection_file_name(glyph_id) if glyph_id else f"kernel-once-{uuid.uuid4().hex}.json"
-        self.connection_file = supply.connection_dir / name
 
     @property
-    def manager(self) -> AsyncKernelManager | None:
-        return self.kernel.manager if self.kernel is not None else None
-
-    @property
-    def client(self) -> AsyncKernelClient | None:
-        return self.kernel.client if self.kernel is not None else None
+    def connection_file(self) -> Path | None:
+        return self.kernel.connection_file if self.kernel is not None else None
 
     async def run(self, request: RunRequest) -> ExecutionResult:
         result, _ = await self.run_with_expressions(request)
@@ -174,7 +154,7 @@ class KernelSession:
 
     async def _run_locked(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
         started = time.perf_counter()
-        if self.manager is None:
+        if self.kernel is None:
             try:
                 await self._start_shielded(request.timeout)
             except CapacityError as exc:
@@ -186,29 +166,30 @@ class KernelSession:
                     duration_ms=(time.perf_counter() - started) * 1000,
                 )
                 return failed, {}
-        assert self.manager is not None and self.client is not None
-        manager = self.manager
+        kernel = self.kernel
+        assert kernel is not None
 
         def elapsed_ms() -> float:
             return (time.perf_counter() - started) * 1000
 
         try:
             outcome = await run_code(
-                self.client,
+                kernel.connection,
                 request.code,
                 timeout=request.timeout,
                 output_limit=request.output_limit,
-                is_alive=manager.is_alive,
-                interrupt=manager.interrupt_kernel,
+                is_alive=kernel.is_alive,
+                interrupt=kernel.interrupt,
                 request_metadata={"upstream": request.upstream},
                 on_output=request.on_output,
                 on_started=self.code_running.set,
+                on_service_call=self._service_call,
                 silent=request.silent,
                 user_expressions=request.user_expressions,
             )
         except asyncio.CancelledError:
             # run_code sends its request before it first waits: the code is on the kernel.
-            await self._interrupt_abandoned_run(manager)
+            await self._interrupt_abandoned_run(kernel)
             raise
         except KernelDied as died:
             log.warning("kernel of glyph %r died mid-run; starting a fresh one", self.glyph_id)
@@ -249,59 +230,42 @@ class KernelSession:
             self.execution_count = outcome.execution_count
         return result, outcome.user_expressions
 
-    async def _interrupt_abandoned_run(self, manager: AsyncKernelManager) -> None:
+    async def _service_call(self, request: Any) -> Any:
+        if self.attestations is None:
+            raise RuntimeError("no attestation service")
+        return await self.attestations.answer(self.actor, request)
+
+    async def _interrupt_abandoned_run(self, kernel: StartedKernel) -> None:
         """Stop the code of a run whose caller went away and wait until the kernel is idle.
 
-        Called with the lock held. A silent empty request queued behind the abandoned
-        one is answered only once the kernel is done with it; an interrupt that lands
-        before the code started is ignored by the kernel, hence one more each second. A
-        kernel not idle within INTERRUPT_GRACE_SECONDS is stopped (the glyph's next run
-        starts a fresh one) rather than left running code nobody waits for.
+        Called with the lock held. A kernel not idle within INTERRUPT_GRACE_SECONDS is
+        stopped (the glyph's next run starts a fresh one) rather than left running code
+        nobody waits for.
         """
-        client = self.client
-        if client is None or self.manager is not manager:
+        if self.kernel is not kernel:
             return  # stopped meanwhile (shutdown)
         try:
-            await manager.interrupt_kernel()
-            drain_id = client.execute("", silent=True, store_history=False, allow_stdin=False)
-            deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
-            while (remaining := deadline - time.monotonic()) > 0:
-                try:
-                    reply = await client.get_shell_msg(timeout=min(remaining, 1.0))
-                except queue.Empty:
-                    if not await manager.is_alive():
-                        break
-                    await manager.interrupt_kernel()
-                    continue
-                if reply.get("parent_header", {}).get("msg_id") == drain_id:
-                    log.info("interrupted the run of glyph %r: its caller went away", self.glyph_id)
-                    return
+            if await interrupt_until_idle(
+                kernel.connection, kernel.interrupt, kernel.is_alive, INTERRUPT_GRACE_SECONDS
+            ):
+                log.info("interrupted the run of glyph %r: its caller went away", self.glyph_id)
+                return
         except Exception:
             log.exception("interrupting the abandoned run of glyph %r failed", self.glyph_id)
-        if self.manager is manager:
+        if self.kernel is kernel:
             log.warning("kernel of glyph %r did not come back after an interrupt; stopping it", self.glyph_id)
             await self._stop()
 
     async def _start(self, timeout: float = KERNEL_START_TIMEOUT) -> None:
-        kernel = await self.supply.obtain(self.kernel_name, self.connection_file, timeout)
-        label_connection_file(self.connection_file, glyph_id=self.glyph_id)
-        port, token = 0, None
+        kernel = await self.supply.obtain(self.kernel_name, self.glyph_id or None, timeout)
         try:
-            if self.callbacks is not None:
-                port = await self.callbacks.start()
-                token = self.callbacks.register(self.glyph_id)
-            setup = f"_kernel_provider_setup({self.glyph_id!r}, {port!r}, {token!r}, {self.memory_limit_mb!r})"
-            await run_silently(
-                kernel.client,
-                f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _attestation_functions\n",
-                timeout=KERNEL_START_TIMEOUT,
-            )
+            # The prelude ran when the kernel started (KernelSupply's set-up code); what is
+            # left is to say whose kernel it is now.
+            await run_silently(kernel.connection, f"__glyph_id__ = {self.glyph_id!r}", timeout=KERNEL_START_TIMEOUT)
         except BaseException:
-            if self.callbacks is not None:
-                self.callbacks.forget(token)
             await self.supply.give_back(kernel)
             raise
-        self.kernel, self._callback_token = kernel, token
+        self.kernel = kernel
         self.kernel_id = str(uuid.uuid4())
         self.execution_count = 0
         log.info("started kernel %s for glyph %r", self.kernel_name, self.glyph_id)
@@ -316,7 +280,7 @@ class KernelSession:
 
     def info(self) -> dict[str, Any]:
         """What a person (or GET /kernels) wants to know about this glyph's kernel."""
-        if self.manager is None:
+        if self.kernel is None:
             state = "starting" if self._starting is not None and not self._starting.done() else "stopped"
         else:
             state = "busy" if self.busy else "idle"
@@ -327,7 +291,7 @@ class KernelSession:
             "execution_state": state,
             "last_activity": datetime.fromtimestamp(self.last_activity, tz=UTC).isoformat(),
             "execution_count": self.execution_count,
-            "connection_file": str(self.connection_file) if self.manager is not None else None,
+            "connection_file": str(self.connection_file) if self.kernel is not None else None,
         }
 
     async def interrupt(self) -> None:
@@ -335,8 +299,8 @@ class KernelSession:
             # Queued or starting: wait (briefly) until the code runs, or the signal is lost.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.code_running.wait(), INTERRUPT_WAIT_SECONDS)
-        if self.manager is not None:
-            await self.manager.interrupt_kernel()
+        if self.kernel is not None:
+            await self.kernel.interrupt()
 
     async def restart(self) -> None:
         """A fresh kernel for this glyph; a run under way is interrupted first, so this need not wait."""
@@ -357,9 +321,6 @@ class KernelSession:
             await asyncio.gather(self._starting, return_exceptions=True)
         kernel = self.kernel
         self.kernel = None
-        if self.callbacks is not None:
-            self.callbacks.forget(self._callback_token)
-            self._callback_token = None
         if kernel is not None:
             await self.supply.give_back(kernel)
 
@@ -367,14 +328,16 @@ class KernelSession:
 class SessionManager:
     """glyph_id -> KernelSession, plus throwaway kernels for runs without a glyph."""
 
-    def __init__(self, settings: Settings, callbacks: CallbackServer | None = None):
+    def __init__(self, settings: Settings, attestations: AttestationService | None = None):
         self.settings = settings
-        self.callbacks = callbacks
+        self.attestations = attestations
         self.sessions: dict[str, KernelSession] = {}
         self._throwaway: set[KernelSession] = set()
         self._closing = False
         self.connection_dir = settings.resolved_connection_dir()
-        self.supply = KernelSupply(self.connection_dir, settings.name, settings.max_kernels, self._evict_one)
+        self.supply = KernelSupply(
+            self.connection_dir, settings.name, settings.max_kernels, self._evict_one, self._kernel_setup
+        )
         # Why a glyph lost its kernel while nobody was asking (culled, evicted): told at its next run.
         self._reset_reasons: dict[str, str] = {}
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
@@ -441,8 +404,20 @@ class SessionManager:
 
     def _new_session(self, glyph_id: str, kernel_name: str) -> KernelSession:
         return KernelSession(
-            glyph_id, kernel_name, self.supply, self.callbacks, memory_limit_mb=self.settings.kernel_memory_limit
+            glyph_id,
+            kernel_name,
+            self.supply,
+            self.attestations,
+            memory_limit_mb=self.settings.kernel_memory_limit,
+            # A run without a glyph (a QNTX watcher action) has no glyph to name: the
+            # provider itself is the one acting.
+            actor=None if glyph_id else f"provider:{self.settings.name}",
         )
+
+    def _kernel_setup(self) -> str:
+        """The code every kernel runs once it is up, before any glyph claims it (see prelude.py)."""
+        setup = f"_kernel_provider_setup({self.settings.kernel_memory_limit!r})"
+        return f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _attestation_functions\n"
 
     async def _retire(self, session: KernelSession, reason: str | None = None) -> None:
         """Forget a glyph's session and stop its kernel; ``reason`` is told at the glyph's next run.
@@ -467,7 +442,7 @@ class SessionManager:
 
     def _idle_sessions(self) -> list[KernelSession]:
         """Glyph kernels nobody is using or waiting for, least recently used first."""
-        idle = [s for s in self.sessions.values() if s.manager is not None and not s.busy and not s.lock.locked()]
+        idle = [s for s in self.sessions.values() if s.kernel is not None and not s.busy and not s.lock.locked()]
         return sorted(idle, key=lambda s: s.last_activity)
 
     async def _evict_one(self) -> bool:
@@ -531,7 +506,7 @@ class SessionManager:
 
     def counts(self) -> tuple[int, int]:
         """(live glyph kernels, busy kernels); pooled kernels are not counted here."""
-        live = [s for s in [*self.sessions.values(), *self._throwaway] if s.manager is not None]
+        live = [s for s in [*self.sessions.values(), *self._throwaway] if s.kernel is not None]
         return len(live), sum(1 for s in live if s.busy)
 
     def close(self) -> None:
@@ -548,5 +523,5 @@ class SessionManager:
         # Stop without waiting for each glyph's lock: a run in progress is cut short.
         await asyncio.gather(*(s._stop() for s in sessions), return_exceptions=True)
         await self.supply.close()
-        if self.callbacks is not None:
-            await self.callbacks.close()
+        if self.attestations is not None:
+            await self.attestations.close()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 from fake_ats import FakeATSStore
 from google.protobuf import json_format
 
-from conftest import RPC_TIMEOUT, Plugin, launch
+from conftest import RPC_TIMEOUT, Plugin, attached_client, http, launch
 from kernel_provider.proto import domain_pb2
 
 TOKEN = "secret-token"
@@ -89,11 +90,27 @@ def test_attest_creates_an_attestation_in_the_store(plugin, store, metadata):
     assert [a.id for a in store.attestations if a.id == created["id"]]
 
 
-def test_attest_uses_the_callers_actors(plugin, store):
+def test_attest_adds_the_callers_actors_after_the_glyph(plugin, store):
     created = value_of(plugin, "attest-actors", "attest(['bob'], ['is'], ['team'], actors=['alice', 'hr'])")
-    assert created["actors"] == ["alice", "hr"]
+    assert created["actors"] == ["glyph:attest-actors", "alice", "hr"]
     (request,) = [r for r in store.creates() if list(r.command.subjects) == ["bob"]]
-    assert list(request.command.actors) == ["alice", "hr"]
+    assert list(request.command.actors) == ["glyph:attest-actors", "alice", "hr"]
+
+
+def test_a_glyph_cannot_attest_as_another_glyph(plugin, store):
+    """Issue 9, point 4: the actor comes from whose kernel asked, never from the arguments."""
+    before = len(store.creates())
+    error = failure_of(plugin, "forger", "attest(['mallory'], ['signed'], ['cheque'], actors=['glyph:victim'])")
+    assert error.startswith("AttestationError") and "never name another glyph" in error
+    # Nor by going around attest(): the provider checks, not the kernel's own helper.
+    code = (
+        "import json as _j\n_k = get_ipython().kernel\n"
+        "_req = {'method': 'attest', 'params': {'subjects': ['mallory'], 'predicates': ['p'], 'actors': ['glyph:victim']}}\n"
+        "print(type(_k).raw_input(_k, '\\x00kernel_provider:' + _j.dumps(_req)))"
+    )
+    answer = json.loads(plugin.run(code, "forger")["stdout"])
+    assert answer["ok"] is False and "never name another glyph" in answer["error"]
+    assert len(store.creates()) == before
 
 
 def test_last_returns_the_newest_match_or_none(plugin, store):
@@ -153,40 +170,42 @@ def test_a_restarted_kernel_can_still_attest(plugin, store):
     assert value_of(plugin, glyph, "attest(['frank'], ['after'], ['crash'])['actors']") == [f"glyph:{glyph}"]
 
 
-def test_the_callback_channel_refuses_strangers_and_survives_garbage(plugin):
-    """Only a kernel's own token is accepted; malformed or oversized requests get an error answer."""
-    glyph = "callback-abuse"
-    # Dig the provider's port out of the kernel's attest(): a process on the machine can find it too.
+def test_the_service_channel_answers_garbage_with_errors_and_carries_on(plugin):
+    """Requests that go around attest() get an error answer; the channel and the glyph carry on."""
+    glyph = "service-abuse"
     code = """
-import json as _json, socket as _socket
-_cells = {c: v.cell_contents for c, v in zip(attest.__code__.co_freevars, attest.__closure__)}
-_call = _cells["call"]
-_port = {c: v.cell_contents for c, v in zip(_call.__code__.co_freevars, _call.__closure__)}["callback_port"]
+import json as _json
+_k = get_ipython().kernel
 
-def _ask(payload: bytes):
-    with _socket.create_connection(("127.0.0.1", _port), timeout=30) as conn:
-        conn.sendall(payload)
-        with conn.makefile("rb") as replies:
-            return _json.loads(replies.readline())
+def _ask(payload):
+    return _json.loads(type(_k).raw_input(_k, "\\x00kernel_provider:" + payload))
 
-_answers = [
-    _ask(b'{"token": "guessed", "method": "last", "params": {}}\\n'),
-    _ask(b"this is not json\\n"),
-    _ask(b"[1, 2]\\n"),
-    _ask(b"x" * 1_500_000 + b"\\n"),
-]
-print(_json.dumps(_answers))
+print(_json.dumps([_ask("this is not json"), _ask("[1, 2]"), _ask('{"method": "drop", "params": {}}'),
+                   _ask("x" * 1_500_000)]))
 """
     result = plugin.run(code, glyph)
     assert result["success"], result["error"]
     answers = json.loads(result["stdout"])
     assert all(a["ok"] is False for a in answers), answers
-    assert "unknown token" in answers[0]["error"]
-    assert "not JSON" in answers[1]["error"]
-    assert "not a JSON object" in answers[2]["error"]
+    assert "not JSON" in answers[0]["error"]
+    assert "not a JSON object" in answers[1]["error"]
+    assert "unknown method" in answers[2]["error"]
     assert "larger than" in answers[3]["error"]
-    # The server carries on.
     assert value_of(plugin, glyph, "attest(['gina'], ['still'], ['works'])['subjects']") == ["gina"]
+
+
+def test_a_client_attached_to_the_kernel_cannot_attest(plugin, store):
+    """Only the provider's own runs reach the store: a person in JupyterLab gets a clear error."""
+    glyph = "attached-attest"
+    value_of(plugin, glyph, "1")
+    entry = next(k for k in http(plugin, "GET", "/kernels")[2]["kernels"] if k["glyph_id"] == glyph)
+    before = len(store.creates())
+    with attached_client(Path(entry["connection_file"])) as person:
+        reply = person.execute_interactive("attest(['x'], ['y'], ['z'])", timeout=30, allow_stdin=False)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "AttestationError"
+    assert "not from a client attached" in reply["content"]["evalue"]
+    assert len(store.creates()) == before
 
 
 def test_no_store_configured_raises_and_the_glyph_carries_on(fresh_provider):

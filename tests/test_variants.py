@@ -11,8 +11,8 @@ import pytest
 
 from conftest import http, install_copy_of_python3
 from kernel_provider import cli
+from kernel_provider.kernels.local import connection_file_name
 from kernel_provider.proto import domain_pb2
-from kernel_provider.sessions import connection_file_name
 
 EMPTY = domain_pb2.Empty()
 

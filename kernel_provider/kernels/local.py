@@ -1,18 +1,22 @@
-"""Where kernels come from: starting them (IPC where possible), a warm pool, and a ceiling.
+"""Kernels on this machine: started by jupyter_client (IPC where possible), a warm pool, a ceiling.
 
 A KernelSupply hands out started kernels (process up, channels open, ready) and
 takes them back. It keeps `pool_size` kernels of the default kernelspec started
 ahead of need, never lets more than `max_kernels` exist at once (asking its owner
-to make room, then waiting), and labels and cleans the connection folder.
+to make room, then waiting), and labels and cleans the connection folder. Pooled
+kernels wait in a subfolder of their own: the connection folder is what people
+inspect (JupyterLab, `jupyter console --existing`), and it holds glyph kernels only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -21,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
-from jupyter_client.asynchronous import AsyncKernelClient
 
+from kernel_provider import execution
 from kernel_provider.config import ensure_private_dir
+from kernel_provider.kernels.connection import ZMQConnection
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +42,46 @@ class CapacityError(Exception):
     """Every kernel slot is taken by a busy kernel and none freed up in time."""
 
 
+# Settings every kernel gets through its own IPython profile folder (IPYTHONDIR): history
+# in memory, so that kernels do not queue on the one history.sqlite they would otherwise
+# share (In, Out and %history still work within the session); and no sleep before each
+# reply (ipykernel's 0.5 ms _execute_sleep, there for front ends that race their own output).
+KERNEL_CONFIG = """\
+c.HistoryManager.hist_file = ":memory:"
+c.IPythonKernel._execute_sleep = 0.0
+"""
+
+POOL_FOLDER = "pool"
+
+
 @dataclass
 class StartedKernel:
+    """A ready kernel on this machine: jupyter_client's manager starts, signals and stops it."""
+
     manager: AsyncKernelManager
-    client: AsyncKernelClient
+    connection: ZMQConnection
     kernel_name: str
 
     @property
     def connection_file(self) -> Path:
         return Path(self.manager.connection_file)
+
+    async def interrupt(self) -> None:
+        await self.manager.interrupt_kernel()
+
+    async def is_alive(self) -> bool:
+        return await self.manager.is_alive()
+
+
+def connection_file_name(glyph_id: str) -> str:
+    """A file name for a glyph's connection file that can never leave its folder.
+
+    The readable part keeps only safe characters; the hash keeps two glyph ids
+    that differ in other characters apart.
+    """
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", glyph_id)[:40]
+    digest = hashlib.sha256(glyph_id.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"kernel-{readable}-{digest}.json"
 
 
 def kernel_interpreter(argv: list[str]) -> str:
@@ -71,7 +107,18 @@ def transport_options(connection_file: Path) -> dict[str, str]:
     base = connection_file.parent / f"ipc-{uuid.uuid4().hex[:12]}"
     if len(os.fsencode(base)) + 6 <= MAX_IPC_BASE_LENGTH:
         return {"transport": "ipc", "ip": str(base)}
+    if not _warned_about_tcp:
+        _warned_about_tcp.append(True)
+        log.warning(
+            "the connection folder %s is too deep for unix socket paths (%d bytes at most); kernels use TCP "
+            "on 127.0.0.1 instead, which any local user can reach: choose a shorter --connection-dir",
+            connection_file.parent,
+            MAX_IPC_BASE_LENGTH,
+        )
     return {"transport": "tcp", "ip": "127.0.0.1"}
+
+
+_warned_about_tcp: list[bool] = []  # said once per process
 
 
 def label_connection_file(path: Path, **labels: str | int) -> None:
@@ -168,8 +215,13 @@ class KernelSupply:
         plugin_name: str,
         max_kernels: int,
         make_room: Callable[[], Awaitable[bool]],
+        setup_code: Callable[[], str] | None = None,
     ):
         self.connection_dir = connection_dir
+        # Code each kernel runs once it is ready, before anyone claims it (so a pooled
+        # kernel is ready to the last line when a glyph takes it).
+        self._setup_code = setup_code
+        self.pool_dir = connection_dir / POOL_FOLDER
         self.plugin_name = plugin_name
         self.capacity = Capacity(max_kernels, self._make_room_with_pool_first)
         self._make_room_for_sessions = make_room
@@ -177,45 +229,71 @@ class KernelSupply:
         self._pool_kernel = ""
         self._pool_size = 0
         self._refill: asyncio.Task | None = None
+        # The pool kernel starting right now, and whether a run has claimed it: the first run
+        # after start-up takes the kernel already booting rather than booting a second one.
+        self._booting: asyncio.Future[StartedKernel | None] | None = None
+        self._booting_claimed = False
         self._closing = False
         self._closed = asyncio.Event()
+        self._ipython_dir: Path | None = None
+        self.started = 0  # kernels started since the supply was made (pool and glyphs)
 
     # --- starting and stopping -------------------------------------------------------------
 
-    async def obtain(self, kernel_name: str, connection_file: Path, timeout: float) -> StartedKernel:
-        """A ready kernel of ``kernel_name`` whose connection file is ``connection_file``."""
-        kernel = self._take_from_pool(kernel_name)
+    async def obtain(self, kernel_name: str, glyph_id: str | None, timeout: float) -> StartedKernel:
+        """A ready kernel of ``kernel_name`` for ``glyph_id`` (None: a run without a glyph)."""
+        name = connection_file_name(glyph_id) if glyph_id else f"kernel-once-{uuid.uuid4().hex}.json"
+        connection_file = self.connection_dir / name
+        kernel = self._take_from_pool(kernel_name) or await self._claim_booting(kernel_name)
         if kernel is not None:
-            os.replace(kernel.connection_file, connection_file)
-            kernel.manager.connection_file = str(connection_file)
-            return kernel
-        await self.capacity.acquire(timeout)
-        try:
-            return await self._start(kernel_name, connection_file)
-        except BaseException:
-            self.capacity.release()
-            raise
+            try:
+                os.replace(kernel.connection_file, connection_file)
+                kernel.manager.connection_file = str(connection_file)
+            except OSError as exc:  # someone removed its file: stop it rather than lend it unnamed
+                log.warning("pooled kernel %s lost its connection file (%s); stopping it", kernel.connection_file, exc)
+                await self.give_back(kernel)
+                kernel = None
+        if kernel is None:
+            await self.capacity.acquire(timeout)
+            try:
+                kernel = await self._start(kernel_name, connection_file)
+            except BaseException:
+                self.capacity.release()
+                raise
+        if glyph_id:
+            label_connection_file(connection_file, glyph_id=glyph_id)
+        return kernel
+
+    def _kernel_environment(self) -> dict[str, str]:
+        if self._ipython_dir is None:
+            self._ipython_dir = ensure_private_dir(self.connection_dir / "ipython")
+            profile = ensure_private_dir(self._ipython_dir / "profile_default")
+            (profile / "ipython_kernel_config.py").write_text(KERNEL_CONFIG)
+        # jupyter_client starts from the provider's environment and adds this.
+        return {**os.environ, "IPYTHONDIR": str(self._ipython_dir)}
 
     async def _start(self, kernel_name: str, connection_file: Path) -> StartedKernel:
-        ensure_private_dir(self.connection_dir)
+        ensure_private_dir(connection_file.parent)
         manager = AsyncKernelManager(
             kernel_name=kernel_name, connection_file=str(connection_file), **transport_options(connection_file)
         )
-        await manager.start_kernel()
+        await manager.start_kernel(env=self._kernel_environment())
+        self.started += 1
         label_connection_file(connection_file, plugin=self.plugin_name, provider_pid=os.getpid())
-        client = manager.client()
-        client.start_channels()
+        connection = ZMQConnection(manager.get_connection_info())
         try:
-            await client.wait_for_ready(timeout=KERNEL_START_TIMEOUT)
+            await execution.wait_for_ready(connection, manager.is_alive, KERNEL_START_TIMEOUT)
+            if self._setup_code is not None:
+                await execution.run_silently(connection, self._setup_code(), timeout=KERNEL_START_TIMEOUT)
         except BaseException:
-            client.stop_channels()
+            await connection.close()
             await manager.shutdown_kernel(now=True)
             raise
-        return StartedKernel(manager, client, kernel_name)
+        return StartedKernel(manager, connection, kernel_name)
 
     async def give_back(self, kernel: StartedKernel) -> None:
         """Stop a kernel and free its slot."""
-        kernel.client.stop_channels()
+        await kernel.connection.close()
         try:
             # now=True: a glyph kernel holds nothing a polite shutdown would save, and a
             # hung one must not delay the provider.
@@ -243,6 +321,35 @@ class KernelSupply:
         self._schedule_refill()
         return kernel
 
+    async def _claim_booting(self, kernel_name: str) -> StartedKernel | None:
+        """Wait for the pool kernel that is starting now, if no other run has claimed it."""
+        booting = self._booting
+        if booting is None or self._booting_claimed or kernel_name != self._pool_kernel:
+            return None
+        self._booting_claimed = True
+        try:
+            return await asyncio.shield(booting)
+        except asyncio.CancelledError:
+            # The run went away; the kernel it claimed goes back to the pool once it is up.
+            booting.add_done_callback(self._unclaimed)
+            raise
+        except Exception:
+            return None  # it failed to start: the run starts its own
+
+    def _unclaimed(self, booting: asyncio.Future) -> None:
+        kernel = None if booting.cancelled() or booting.exception() else booting.result()
+        if kernel is None:
+            return
+        if self._closing or kernel.kernel_name != self._pool_kernel:
+            asyncio.ensure_future(self.give_back(kernel))
+        else:
+            os.replace(kernel.connection_file, self._pool_file())
+            kernel.manager.connection_file = str(self._pool_file())
+            self._pool.append(kernel)
+
+    def _pool_file(self) -> Path:
+        return self.pool_dir / f"kernel-pool-{uuid.uuid4().hex[:12]}.json"
+
     def _schedule_refill(self) -> None:
         if self._closing or (self._refill is not None and not self._refill.done()):
             return
@@ -256,15 +363,23 @@ class KernelSupply:
                 return
             self.capacity.used += 1
             kernel_name = self._pool_kernel
-            path = self.connection_dir / f"kernel-pool-{uuid.uuid4().hex[:12]}.json"
+            booting = self._booting = asyncio.get_running_loop().create_future()
+            self._booting_claimed = False
             try:
-                kernel = await self._start(kernel_name, path)
+                kernel = await self._start(kernel_name, self._pool_file())
             except Exception:
+                booting.set_result(None)
                 self.capacity.release()
                 log.exception("could not start a %s kernel for the warm pool; retrying later", kernel_name)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), POOL_RETRY_SECONDS)
                 continue
+            finally:
+                self._booting = None
+            if self._booting_claimed:
+                booting.set_result(kernel)  # a run waited for this one; it is the run's now
+                continue
+            booting.set_result(None)
             if self._closing or kernel_name != self._pool_kernel:
                 await self.give_back(kernel)
                 return
