@@ -11,8 +11,11 @@ Both sides run a trivial statement (``1+1``) on a kernel of the same kernelspec:
 
 Both are warmed up first, then measured in alternating blocks (the order flipping from
 block to block) so that machine noise falls on both alike. The script prints p50 and p99
-of each and the provider/baseline ratios. It is a measurement, not a test: it exits 0
-whatever the numbers, and non-zero only when something fails to start or to run.
+of each and the provider/baseline ratios, the CPU time each side spends per call (the
+provider's process, from /proc, against this process's own during the baseline blocks),
+and the first run of a new glyph: against a steady run once the provider has settled, and
+right after Initialize against one raw kernel start. It is a measurement, not a test: it
+exits 0 whatever the numbers, and non-zero only when something fails to start or to run.
 
 Run it from the project root:
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import select
 import statistics
 import subprocess
@@ -47,7 +51,11 @@ PORT_LINE_PREFIX = "QNTX_PLUGIN_PORT="
 START_TIMEOUT = 60.0
 CALL_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-GOAL_RATIO = 1.10
+GOAL_RATIO = 0.80
+GOAL_CPU_MS = 1.0
+GOAL_FIRST_RUN_SETTLED = 3.0
+GOAL_FIRST_RUN_AFTER_INITIALIZE = 1.2
+FIRST_RUNS = 5
 
 
 # --- baseline: jupyter_client directly ---------------------------------------------------
@@ -152,17 +160,18 @@ def stop_process(process: subprocess.Popen[str]) -> None:
 
 @contextmanager
 def running_provider(
-    kernel: str,
-) -> Iterator[tuple[python_pb2_grpc.PythonServiceStub, domain_pb2_grpc.DomainPluginServiceStub]]:
-    """Launch and initialize the plugin; yield its two services; shut it down however we leave."""
+    kernel: str, initialize: bool = True
+) -> Iterator[tuple[python_pb2_grpc.PythonServiceStub, domain_pb2_grpc.DomainPluginServiceStub, int]]:
+    """Launch (and initialize) the plugin; yield its two services and pid; shut it down however we leave."""
     process = subprocess.Popen(plugin_command(kernel), stdout=subprocess.PIPE, text=True)
     try:
         port = read_port(process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             plugin = domain_pb2_grpc.DomainPluginServiceStub(channel)
-            plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
+            if initialize:
+                plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
             try:
-                yield python_pb2_grpc.PythonServiceStub(channel), plugin
+                yield python_pb2_grpc.PythonServiceStub(channel), plugin, process.pid
             finally:
                 try:
                     plugin.Shutdown(domain_pb2.Empty(), timeout=STOP_TIMEOUT)
@@ -172,9 +181,36 @@ def running_provider(
         stop_process(process)
 
 
-def provider_timed_calls(stub: python_pb2_grpc.PythonServiceStub, count: int) -> list[float]:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CPUMeter:
+    """CPU seconds a process spends inside the measured calls, and how many calls."""
+
+    def __init__(self, read: Callable[[], float]):
+        self.read, self.seconds, self.calls = read, 0.0, 0
+
+    def wrap(self, timed_calls: Callable[[int], list[float]]) -> Callable[[int], list[float]]:
+        def measured(count: int) -> list[float]:
+            before = self.read()
+            times = timed_calls(count)
+            self.seconds += self.read() - before
+            self.calls += count
+            return times
+
+        return measured
+
+    @property
+    def ms_per_call(self) -> float:
+        return self.seconds * 1000 / max(self.calls, 1)
+
+
+def provider_timed_calls(stub: python_pb2_grpc.PythonServiceStub, count: int, glyph_id: str = GLYPH_ID) -> list[float]:
     """Run ``count`` Execute calls; their durations in milliseconds."""
-    request = python_pb2.PythonExecuteRequest(code=CODE, glyph_id=GLYPH_ID)
+    request = python_pb2.PythonExecuteRequest(code=CODE, glyph_id=glyph_id)
     times = []
     for _ in range(count):
         started = time.perf_counter()
@@ -221,19 +257,93 @@ def percentiles(times: list[float]) -> tuple[float, float]:
     return cuts[49], cuts[98]
 
 
-def report(kernel: str, runs: int, base_times: list[float], prov_times: list[float], hop_times: list[float]) -> None:
+def first_runs(stub: python_pb2_grpc.PythonServiceStub, plugin: domain_pb2_grpc.DomainPluginServiceStub) -> list[float]:
+    """First runs of new glyphs once the provider has settled (its warm pool refilled), in ms."""
+    times = []
+    for index in range(FIRST_RUNS):
+        wait_until_pool_is_full(plugin)
+        times += provider_timed_calls(stub, 1, glyph_id=f"first-run-{index}")
+    return times
+
+
+def wait_until_pool_is_full(plugin: domain_pb2_grpc.DomainPluginServiceStub) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        details = plugin.Health(domain_pb2.Empty(), timeout=CALL_TIMEOUT).details
+        if int(details.get("pooled_kernels", "0")) >= int(details.get("pool_size", "1")):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the warm pool did not refill within the start timeout")
+
+
+def first_run_after_initialize(kernel: str) -> float:
+    """A new glyph's first run sent the moment Initialize returns, in ms (Initialize included)."""
+    with running_provider(kernel, initialize=False) as (stub, plugin, _):
+        plugin.Health(domain_pb2.Empty(), timeout=START_TIMEOUT, wait_for_ready=True)  # the server is up
+        started = time.perf_counter()
+        plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT)
+        provider_timed_calls(stub, 1, glyph_id="first-after-initialize")
+        return (time.perf_counter() - started) * 1000
+
+
+def raw_kernel_start(kernel: str) -> float:
+    """One kernel started and ready with jupyter_client alone, in ms."""
+
+    async def start() -> float:
+        manager = AsyncKernelManager(kernel_name=kernel)
+        started = time.perf_counter()
+        await manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=START_TIMEOUT)
+            return (time.perf_counter() - started) * 1000
+        finally:
+            client.stop_channels()
+            await manager.shutdown_kernel(now=True)
+
+    return asyncio.run(start())
+
+
+def report(
+    kernel: str,
+    runs: int,
+    base_times: list[float],
+    prov_times: list[float],
+    hop_times: list[float],
+    base_cpu: CPUMeter,
+    prov_cpu: CPUMeter,
+    settled_first: list[float],
+    after_initialize: list[float],
+    raw_starts: list[float],
+) -> None:
     base_p50, base_p99 = percentiles(base_times)
     prov_p50, prov_p99 = percentiles(prov_times)
     print(f"execute latency of {CODE!r}, kernelspec {kernel!r}, {runs} calls each (after {WARMUP_CALLS} warm-up)")
-    print(f"{'':<22}{'p50 ms':>9}{'p99 ms':>9}")
-    print(f"{'jupyter_client':<22}{base_p50:>9.3f}{base_p99:>9.3f}")
-    print(f"{'provider (gRPC)':<22}{prov_p50:>9.3f}{prov_p99:>9.3f}")
+    print(f"{'':<22}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>9}")
+    print(f"{'jupyter_client':<22}{base_p50:>9.3f}{base_p99:>9.3f}{base_cpu.ms_per_call:>9.3f}")
+    print(f"{'provider (gRPC)':<22}{prov_p50:>9.3f}{prov_p99:>9.3f}{prov_cpu.ms_per_call:>9.3f}")
     print(f"{'ratio provider/base':<22}{prov_p50 / base_p50:>9.2f}{prov_p99 / base_p99:>9.2f}")
     hop_p50, hop_p99 = percentiles(hop_times)
     # The hop is what any gRPC plugin pays; what is left is the provider's own work.
     print(f"{'gRPC hop (Health)':<22}{hop_p50:>9.3f}{hop_p99:>9.3f}")
     print(f"{'(provider-hop)/base':<22}{(prov_p50 - hop_p50) / base_p50:>9.2f}")
+    steady = statistics.median(prov_times)
+    settled = statistics.median(settled_first)
+    initialize = statistics.median(after_initialize)
+    raw_start = statistics.median(raw_starts)
+    print(f"first run of a new glyph, settled: {settled:.1f} ms = {settled / steady:.2f}x a steady run")
+    print(
+        f"first run right after Initialize: {initialize:.1f} ms = {initialize / raw_start:.2f}x a raw kernel start "
+        f"({raw_start:.1f} ms)"
+    )
     print(f"p50 ratio {prov_p50 / base_p50:.2f} (goal <= {GOAL_RATIO:.2f})")
+    print(f"provider CPU per Execute {prov_cpu.ms_per_call:.2f} ms (goal <= {GOAL_CPU_MS:.2f} ms)")
+    print(f"first run settled {settled / steady:.2f}x steady (goal <= {GOAL_FIRST_RUN_SETTLED:.1f}x)")
+    print(
+        f"first run after Initialize {initialize / raw_start:.2f}x a raw kernel start "
+        f"(goal <= {GOAL_FIRST_RUN_AFTER_INITIALIZE:.1f}x)"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -251,18 +361,35 @@ def main(argv: list[str] | None = None) -> int:
     baseline = Baseline(args.kernel)
     try:
         baseline.start()
-        with running_provider(args.kernel) as (stub, plugin):
+        with running_provider(args.kernel) as (stub, plugin, pid):
             baseline.timed_calls(WARMUP_CALLS)
             provider_timed_calls(stub, WARMUP_CALLS)  # the first call also starts the glyph's kernel
-            provider = functools.partial(provider_timed_calls, stub)
-            base_times, prov_times = interleaved(baseline.timed_calls, provider, args.runs)
+            base_cpu, prov_cpu = CPUMeter(time.process_time), CPUMeter(functools.partial(process_cpu_seconds, pid))
+            provider = prov_cpu.wrap(functools.partial(provider_timed_calls, stub))
+            base_times, prov_times = interleaved(base_cpu.wrap(baseline.timed_calls), provider, args.runs)
             hop_times = hop_timed_calls(plugin, args.runs)
+            settled_first = first_runs(stub, plugin)
+        after_initialize, raw_starts = [], []
+        for _ in range(3):  # alternated, like the latency blocks
+            after_initialize.append(first_run_after_initialize(args.kernel))
+            raw_starts.append(raw_kernel_start(args.kernel))
     except Exception as exc:
         print(f"execute_latency: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         baseline.stop()
-    report(args.kernel, args.runs, base_times, prov_times, hop_times)
+    report(
+        args.kernel,
+        args.runs,
+        base_times,
+        prov_times,
+        hop_times,
+        base_cpu,
+        prov_cpu,
+        settled_first,
+        after_initialize,
+        raw_starts,
+    )
     return 0
 
 

@@ -83,6 +83,9 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
                 "live_kernels": str(live),
                 "busy_kernels": str(busy),
                 "pooled_kernels": str(self.provider.sessions.supply.pooled),
+                "pool_size": str(self.provider.settings.pool_size),
+                # Every kernel process started since the provider began (pool and glyphs).
+                "kernels_started": str(self.provider.sessions.supply.started),
                 "max_kernels": str(self.provider.settings.max_kernels),
                 "version": self.provider.version,
             },

@@ -1,0 +1,142 @@
+"""What the speed work (issue 10) could break, checked through a real provider.
+
+Kernels keep their history in memory and skip ipykernel's reply sleep; the warm pool hands
+its booting kernel to the first run that needs one; the provider reads kernels through its
+own connection, which drops what no request waits for. Each test here holds one of the
+promises those changes must keep.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+
+from conftest import LAUNCH_TIMEOUT
+
+
+def wait_for(predicate, timeout: float = LAUNCH_TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_in_out_and_history_work_within_a_session(provider):
+    glyph = "history-glyph"
+    assert provider.run("a = 20", glyph)["success"]
+    assert provider.run("a + 1", glyph)["result"] == "21"
+    result = provider.run("print(In[1], '|', Out[2]); get_ipython().run_line_magic('history', '-n 1-2')", glyph)
+    assert result["success"], result["error"]
+    assert "a = 20 | 21" in result["stdout"]
+    assert "1: a = 20" in result["stdout"] and "2: a + 1" in result["stdout"]
+
+
+def test_history_is_kept_per_kernel_not_shared(provider):
+    """Two glyphs' histories do not mix (IPython's shared history.sqlite is not used)."""
+    provider.run("secret_line_of_glyph_one = 1", "history-one")
+    result = provider.run(
+        "ip = get_ipython()\n"
+        "print([line for _, _, line in ip.history_manager.search('*secret_line*')])",
+        "history-two",
+    )
+    assert result["success"], result["error"]
+    assert "secret_line_of_glyph_one" not in result["stdout"]
+
+
+def test_outputs_keep_their_order_under_concurrency(provider):
+    """Eight glyphs printing interleaved streams and displays at once: each answer is its own, in order."""
+    code = (
+        "import sys\nfrom IPython.display import display\n"
+        "for i in range(40):\n"
+        "    print(f'{__glyph_id__}:{i}')\n"
+        "    if i % 10 == 0:\n"
+        "        display({'text/plain': f'{__glyph_id__}:display:{i}'}, raw=True)\n"
+        "    print(f'{__glyph_id__}:err:{i}', file=sys.stderr)\n"
+    )
+    glyphs = [f"order-{n}" for n in range(8)]
+    results: dict[str, dict] = {}
+
+    def run(glyph: str) -> None:
+        results[glyph] = provider.run(code, glyph)
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in glyphs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for glyph in glyphs:
+        result = results[glyph]
+        assert result["success"], result["error"]
+        assert result["stdout"] == "".join(f"{glyph}:{i}\n" for i in range(40))
+        assert result["stderr"] == "".join(f"{glyph}:err:{i}\n" for i in range(40))
+        displays = [o["data"]["text/plain"] for o in result["outputs"] if o["output_type"] == "display_data"]
+        assert displays == [f"{glyph}:display:{i}" for i in range(0, 40, 10)]
+
+
+def test_the_first_run_after_initialize_takes_the_booting_pool_kernel(fresh_provider):
+    """At a ceiling of one kernel, a run that started a second kernel could not succeed at all."""
+    plugin = fresh_provider("--pool-size", "1", "--max-kernels", "1", initialize=False)
+    plugin.initialize()  # the pool starts booting its one kernel now
+    result = plugin.run("21 * 2", "first-glyph")
+    assert result["success"], result["error"]
+    assert result["result"] == "42"
+    details = plugin.health().details
+    assert details["kernels_started"] == "1"
+    # The pool cannot refill at the ceiling, so nothing else boots later either.
+    time.sleep(1)
+    assert plugin.health().details["kernels_started"] == "1"
+    assert len(plugin.kernel_pids()) == 1
+
+
+def test_a_run_that_gives_up_while_the_pool_boots_leaves_no_extra_kernel(fresh_provider):
+    """The caller goes away while the kernel it claimed boots: its glyph keeps that one kernel."""
+    plugin = fresh_provider("--pool-size", "1", initialize=False)
+    plugin.initialize()
+    try:
+        plugin.execute("1", "impatient", timeout=0.05)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert plugin.run("impatient = 1; impatient", "impatient")["result"] == "1"
+    assert plugin.run("1 + 1", "patient")["result"] == "2"
+    wait_for(lambda: plugin.health().details["pooled_kernels"] == "1", what="the pool to refill")
+    # One kernel per glyph and one in the pool, and never a boot more than that.
+    assert plugin.health().details["kernels_started"] == "3"
+    assert len(plugin.kernel_pids()) == 3
+
+
+def test_pooled_kernels_stay_out_of_the_inspected_folder(fresh_provider):
+    plugin = fresh_provider("--pool-size", "2")
+    wait_for(lambda: plugin.health().details["pooled_kernels"] == "2", what="the pool to fill")
+    assert list(plugin.connection_dir.glob("kernel-*.json")) == []
+    plugin.run("1", "inspected")
+    (only,) = plugin.connection_dir.glob("kernel-*.json")
+    assert json.loads(only.read_text())["kernel_provider"]["glyph_id"] == "inspected"
+
+
+def test_output_between_runs_does_not_pile_up_in_the_provider(fresh_provider):
+    """A glyph's thread printing megabytes while no run waits: dropped unread, and runs still answer."""
+    plugin = fresh_provider()
+    start = (
+        "import threading, time\nfrom IPython.display import display\n"
+        "def _flood():\n"
+        "    for _ in range(300):\n"
+        "        display({'text/plain': 'x' * 1_000_000}, raw=True)\n"
+        "threading.Thread(target=_flood, daemon=True).start()\n"
+    )
+    assert plugin.run(start, "flooder")["success"]
+    before = rss_kib(plugin.process.pid)
+    time.sleep(3)
+    result = plugin.run("'still here'", "flooder")
+    assert result["result"] == "'still here'"
+    # 300 MB went by; what the provider grew by is nowhere near it.
+    assert rss_kib(plugin.process.pid) - before < 100 * 1024
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
