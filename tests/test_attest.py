@@ -105,7 +105,8 @@ def test_a_glyph_cannot_attest_as_another_glyph(plugin, store):
     # Nor by going around attest(): the provider checks, not the kernel's own helper.
     code = (
         "import json as _j\n_k = get_ipython().kernel\n"
-        "_req = {'method': 'attest', 'params': {'subjects': ['mallory'], 'predicates': ['p'], 'actors': ['glyph:victim']}}\n"
+        "_req = {'method': 'attest',\n"
+        "        'params': {'subjects': ['mallory'], 'predicates': ['p'], 'actors': ['glyph:victim']}}\n"
         "print(type(_k).raw_input(_k, '\\x00kernel_provider:' + _j.dumps(_req)))"
     )
     answer = json.loads(plugin.run(code, "forger")["stdout"])
