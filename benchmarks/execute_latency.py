@@ -127,9 +127,9 @@ def _is_idle(msg: dict) -> bool:
 # --- provider: the plugin over gRPC ---------------------------------------------------------
 
 
-def plugin_command(kernel: str) -> list[str]:
+def plugin_command(kernel: str, extra_flags: list[str] | None = None) -> list[str]:
     """The plugin executable next to this Python, as QNTX finds it; else the module form."""
-    flags = ["--port", "0", "--kernel", kernel, "--log-level", "warn"]
+    flags = ["--port", "0", "--kernel", kernel, "--log-level", "warn", *(extra_flags or [])]
     script = Path(sys.executable).parent / "qntx-python-plugin"
     if script.exists():
         return [str(script), *flags]
@@ -160,10 +160,10 @@ def stop_process(process: subprocess.Popen[str]) -> None:
 
 @contextmanager
 def running_provider(
-    kernel: str, initialize: bool = True
+    kernel: str, initialize: bool = True, extra_flags: list[str] | None = None
 ) -> Iterator[tuple[python_pb2_grpc.PythonServiceStub, domain_pb2_grpc.DomainPluginServiceStub, int]]:
     """Launch (and initialize) the plugin; yield its two services and pid; shut it down however we leave."""
-    process = subprocess.Popen(plugin_command(kernel), stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(plugin_command(kernel, extra_flags), stdout=subprocess.PIPE, text=True)
     try:
         port = read_port(process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

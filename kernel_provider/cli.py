@@ -19,6 +19,8 @@ from kernel_provider.config import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_POOL_SIZE,
     DEFAULT_PORT,
+    DEFAULT_WATCHER_KERNELS,
+    DEFAULT_WATCHER_QUEUE,
     ConfigError,
     Settings,
     parse_idle_timeout,
@@ -27,6 +29,9 @@ from kernel_provider.config import (
     parse_output_limit,
     parse_pool_size,
     parse_timeout,
+    parse_watcher_kernels,
+    parse_watcher_mode,
+    parse_watcher_queue,
 )
 
 log = logging.getLogger("kernel_provider")
@@ -98,6 +103,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--idle-timeout", parse_idle_timeout, DEFAULT_IDLE_TIMEOUT, "SECONDS"),
         ("--max-kernels", parse_max_kernels, DEFAULT_MAX_KERNELS, "N"),
         ("--kernel-memory-limit", parse_memory_limit, None, "MB"),
+        ("--watcher-kernels", parse_watcher_kernels, DEFAULT_WATCHER_KERNELS, "N"),
+        ("--watcher-queue", parse_watcher_queue, DEFAULT_WATCHER_QUEUE, "N"),
+        ("--watcher-mode", parse_watcher_mode, "reset", "reset|fresh"),
     ]
     for flag, parse, default, metavar in lifecycle:
         key = flag[2:].replace("-", "_")
@@ -127,6 +135,9 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         idle_timeout=args.idle_timeout,
         max_kernels=args.max_kernels,
         kernel_memory_limit=args.kernel_memory_limit,
+        watcher_kernels=args.watcher_kernels,
+        watcher_queue=args.watcher_queue,
+        watcher_mode=args.watcher_mode,
         connection_dir=args.connection_dir.resolve() if args.connection_dir else None,
         log_level=args.log_level,
     )

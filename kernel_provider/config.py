@@ -23,6 +23,10 @@ DEFAULT_MAX_OUTPUT_BYTES = 1_000_000
 DEFAULT_POOL_SIZE = 1
 DEFAULT_IDLE_TIMEOUT = 3600.0
 DEFAULT_MAX_KERNELS = 64
+# Runs without a glyph (QNTX's watcher actions): runner kernels at once, and runs that may wait.
+DEFAULT_WATCHER_KERNELS = 4
+DEFAULT_WATCHER_QUEUE = 1000
+WATCHER_MODES = ("reset", "fresh")
 # An idle ipykernel already uses about 140 MB of data memory; below this it could not start.
 MIN_KERNEL_MEMORY_MB = 256
 # gRPC's default message ceiling, which QNTX's Go client keeps. The output cap
@@ -49,6 +53,9 @@ class Settings:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds without a run before a glyph's kernel stops; 0 = never
     max_kernels: int = DEFAULT_MAX_KERNELS  # ceiling on live kernels, pooled ones included
     kernel_memory_limit: int | None = None  # MB of data memory per kernel (RLIMIT_DATA); None = no limit
+    watcher_kernels: int = DEFAULT_WATCHER_KERNELS  # runner kernels for runs without a glyph
+    watcher_queue: int = DEFAULT_WATCHER_QUEUE  # runs without a glyph that may wait for a runner
+    watcher_mode: str = "reset"  # "reset": runners reset between runs; "fresh": a kernel per run
     connection_dir: Path | None = None
     log_level: str = "info"
 
@@ -161,6 +168,21 @@ def parse_idle_timeout(key: str, raw: str) -> float:
     return value
 
 
+def parse_watcher_kernels(key: str, raw: str) -> int:
+    return _whole_number(key, raw, 1, 64)
+
+
+def parse_watcher_queue(key: str, raw: str) -> int:
+    return _whole_number(key, raw, 0, 100_000)
+
+
+def parse_watcher_mode(key: str, raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in WATCHER_MODES:
+        raise ConfigError(f"{key} must be one of {', '.join(WATCHER_MODES)}, got {raw!r}.")
+    return mode
+
+
 def parse_memory_limit(key: str, raw: str) -> int | None:
     if raw.strip().lower() in ("", "none", "0"):
         return None
@@ -222,6 +244,31 @@ CONFIG_FIELDS: dict[str, ConfigField] = {
         default="",
         parse=parse_memory_limit,
         min_value=str(MIN_KERNEL_MEMORY_MB),
+    ),
+    "watcher_kernels": ConfigField(
+        type="number",
+        description="Runner kernels that take runs without a glyph (QNTX's watcher actions) side by side; "
+        "more runs wait in a queue.",
+        default=str(DEFAULT_WATCHER_KERNELS),
+        parse=parse_watcher_kernels,
+        min_value="1",
+        max_value="64",
+    ),
+    "watcher_queue": ConfigField(
+        type="number",
+        description="Runs without a glyph that may wait for a runner kernel; past it they fail at once with a "
+        "capacity error.",
+        default=str(DEFAULT_WATCHER_QUEUE),
+        parse=parse_watcher_queue,
+        min_value="0",
+        max_value="100000",
+    ),
+    "watcher_mode": ConfigField(
+        type="string",
+        description="reset: runner kernels reset their namespace between runs (fast); fresh: a new kernel for "
+        "every run without a glyph (strongest separation, one kernel start per run).",
+        default="reset",
+        parse=parse_watcher_mode,
     ),
     "max_output_bytes": ConfigField(
         type="number",

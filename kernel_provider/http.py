@@ -169,7 +169,11 @@ def as_json_expression(expression: str) -> str:
 
 
 async def list_kernels(provider: Provider, params: Params, body: Body) -> Reply:
-    return 200, {"kernels": [session.info() for session in provider.sessions.sessions.values()]}
+    return 200, {
+        "kernels": [session.info() for session in provider.sessions.sessions.values()],
+        # Runs without a glyph (QNTX's watcher actions) share runner kernels: how many, and the queue.
+        "watcher_runs": provider.sessions.watchers.status(),
+    }
 
 
 def session_or_404(provider: Provider, params: dict[str, str]):

@@ -86,6 +86,8 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
                 "pool_size": str(self.provider.settings.pool_size),
                 # Every kernel process started since the provider began (pool and glyphs).
                 "kernels_started": str(self.provider.sessions.supply.started),
+                # Runs without a glyph (watcher actions): mode, runners, busy, queued, queue_limit, runs.
+                **{f"watcher_{k}": str(v) for k, v in self.provider.sessions.watchers.status().items()},
                 "max_kernels": str(self.provider.settings.max_kernels),
                 "version": self.provider.version,
             },

@@ -39,6 +39,7 @@ from kernel_provider.kernels import (
     clean_stale_files,
 )
 from kernel_provider.results import ExecutionResult
+from kernel_provider.watchers import WatcherRunners
 
 if TYPE_CHECKING:
     from kernel_provider.attestations import AttestationService
@@ -50,6 +51,9 @@ _PRELUDE_SOURCE = Path(prelude.__file__).read_text()
 
 # How long an interrupt waits for a queued or starting run to begin its code.
 INTERRUPT_WAIT_SECONDS = 5.0
+
+# How much lower the CPU priority of runner kernels (runs without a glyph) is than a glyph's.
+RUNNER_NICENESS = 10
 
 # Reset notices kept for glyphs that have not run since; past this, the oldest are forgotten.
 MAX_REMEMBERED_RESETS = 10_000
@@ -260,8 +264,12 @@ class KernelSession:
         kernel = await self.supply.obtain(self.kernel_name, self.glyph_id or None, timeout)
         try:
             # The prelude ran when the kernel started (KernelSupply's set-up code); what is
-            # left is to say whose kernel it is now.
-            await run_silently(kernel.connection, f"__glyph_id__ = {self.glyph_id!r}", timeout=KERNEL_START_TIMEOUT)
+            # left is to say whose kernel it is now. A runner of runs without a glyph (watcher
+            # actions, which can come in bursts) yields the CPU to glyphs a person waits for.
+            claim = (
+                f"__glyph_id__ = {self.glyph_id!r}" if self.glyph_id else f"__import__('os').nice({RUNNER_NICENESS})"
+            )
+            await run_silently(kernel.connection, claim, timeout=KERNEL_START_TIMEOUT)
         except BaseException:
             await self.supply.give_back(kernel)
             raise
@@ -340,13 +348,20 @@ class SessionManager:
         )
         # Why a glyph lost its kernel while nobody was asking (culled, evicted): told at its next run.
         self._reset_reasons: dict[str, str] = {}
+        self.watchers = WatcherRunners(
+            self._new_runner, settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode
+        )
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
         self._culler: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Clean what a killed predecessor left, warm the pool, and start culling idle kernels."""
         ensure_private_dir(self.connection_dir)
-        removed = clean_stale_files(self.connection_dir)
+        removed = sum(
+            clean_stale_files(folder)
+            for folder in (self.connection_dir, self.supply.pool_dir, self.supply.runner_dir)
+            if folder.is_dir()
+        )
         if removed:
             log.info("removed %d stale connection files from %s", removed, self.connection_dir)
         self._apply_lifecycle_settings()
@@ -409,15 +424,15 @@ class SessionManager:
             self.supply,
             self.attestations,
             memory_limit_mb=self.settings.kernel_memory_limit,
-            # A run without a glyph (a QNTX watcher action) has no glyph to name: the
-            # provider itself is the one acting.
-            actor=None if glyph_id else f"provider:{self.settings.name}",
+            # A run without a glyph is a QNTX watcher action: it has no glyph to name, and
+            # its attestations say a watcher of this plugin made them.
+            actor=None if glyph_id else f"watcher:{self.settings.name}",
         )
 
     def _kernel_setup(self) -> str:
         """The code every kernel runs once it is up, before any glyph claims it (see prelude.py)."""
         setup = f"_kernel_provider_setup({self.settings.kernel_memory_limit!r})"
-        return f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _attestation_functions\n"
+        return f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _install_reset, _attestation_functions\n"
 
     async def _retire(self, session: KernelSession, reason: str | None = None) -> None:
         """Forget a glyph's session and stop its kernel; ``reason`` is told at the glyph's next run.
@@ -484,8 +499,17 @@ class SessionManager:
         await self._retire(session)
         return True
 
+    def _new_runner(self) -> KernelSession:
+        return self._new_session("", self.settings.kernel)
+
     async def _run_once(self, request: RunRequest, kernel_name: str) -> tuple[ExecutionResult, dict[str, Any]]:
-        """QNTX's watcher actions send no glyph: they get a kernel for this one run."""
+        """QNTX's watcher actions send no glyph: a runner kernel takes them (see watchers.py).
+
+        A run whose directive asks for another kernelspec than the default gets a kernel
+        of that kernelspec for this one run.
+        """
+        if kernel_name == self.settings.kernel:
+            return await self.watchers.run(request)
         session = self._new_session("", kernel_name)
         self._throwaway.add(session)  # so that shutdown stops it too
         try:
@@ -501,12 +525,13 @@ class SessionManager:
         # served but no longer its choice (the default changed) moves at its next run.
         stale = [g for g, session in self.sessions.items() if session.kernel_name not in settings.served_kernels]
         await asyncio.gather(*(self._retire(self.sessions[g]) for g in stale))
+        self.watchers.resize(settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode)
         if self._culler is not None:  # started: the pool and the ceiling follow the new settings
             self._apply_lifecycle_settings()
 
     def counts(self) -> tuple[int, int]:
         """(live glyph kernels, busy kernels); pooled kernels are not counted here."""
-        live = [s for s in [*self.sessions.values(), *self._throwaway] if s.kernel is not None]
+        live = [s for s in [*self.sessions.values(), *self._throwaway, *self.watchers.sessions()] if s.kernel]
         return len(live), sum(1 for s in live if s.busy)
 
     def close(self) -> None:
@@ -521,7 +546,7 @@ class SessionManager:
         if self._culler is not None:
             self._culler.cancel()
         # Stop without waiting for each glyph's lock: a run in progress is cut short.
-        await asyncio.gather(*(s._stop() for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(s._stop() for s in sessions), self.watchers.close(), return_exceptions=True)
         await self.supply.close()
         if self.attestations is not None:
             await self.attestations.close()

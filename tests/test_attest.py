@@ -155,12 +155,15 @@ def test_bad_arguments_raise_in_the_glyph_without_reaching_the_store(plugin, sto
     assert value_of(plugin, glyph, "last(subjects=['nobody'])") is None
 
 
-def test_attest_without_a_glyph_names_the_provider_as_actor(plugin, store):
-    # A run without a glyph id (a QNTX watcher action) gets a kernel for that run alone.
+def test_attest_without_a_glyph_names_a_watcher_as_actor(plugin, store):
+    # A run without a glyph id is a QNTX watcher action, run on a runner kernel.
     created = value_of(plugin, "", "attest(['erin'], ['fired'], ['watcher'])")
-    assert created["actors"] == ["provider:python"]
+    assert created["actors"] == ["watcher:python"]
     (request,) = [r for r in store.creates() if list(r.command.subjects) == ["erin"]]
-    assert list(request.command.actors) == ["provider:python"]
+    assert list(request.command.actors) == ["watcher:python"]
+    # A watcher run cannot pass itself off as a glyph either.
+    error = failure_of(plugin, "", "attest(['erin'], ['fired'], ['watcher'], actors=['glyph:someone'])")
+    assert "never name another glyph" in error
 
 
 def test_a_restarted_kernel_can_still_attest(plugin, store):

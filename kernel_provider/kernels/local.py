@@ -51,7 +51,9 @@ c.HistoryManager.hist_file = ":memory:"
 c.IPythonKernel._execute_sleep = 0.0
 """
 
+# Kernels that are no glyph's wait in subfolders: the connection folder itself is what people inspect.
 POOL_FOLDER = "pool"
+RUNNER_FOLDER = "runners"
 
 
 @dataclass
@@ -222,6 +224,7 @@ class KernelSupply:
         # kernel is ready to the last line when a glyph takes it).
         self._setup_code = setup_code
         self.pool_dir = connection_dir / POOL_FOLDER
+        self.runner_dir = connection_dir / RUNNER_FOLDER
         self.plugin_name = plugin_name
         self.capacity = Capacity(max_kernels, self._make_room_with_pool_first)
         self._make_room_for_sessions = make_room
@@ -242,8 +245,10 @@ class KernelSupply:
 
     async def obtain(self, kernel_name: str, glyph_id: str | None, timeout: float) -> StartedKernel:
         """A ready kernel of ``kernel_name`` for ``glyph_id`` (None: a run without a glyph)."""
-        name = connection_file_name(glyph_id) if glyph_id else f"kernel-once-{uuid.uuid4().hex}.json"
-        connection_file = self.connection_dir / name
+        if glyph_id:
+            connection_file = self.connection_dir / connection_file_name(glyph_id)
+        else:  # a runner of runs without a glyph: no glyph to inspect, so not in the inspected folder
+            connection_file = self.runner_dir / f"kernel-runner-{uuid.uuid4().hex[:12]}.json"
         kernel = self._take_from_pool(kernel_name) or await self._claim_booting(kernel_name)
         if kernel is not None:
             try:
