@@ -88,6 +88,7 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
                 "kernels_started": str(self.provider.sessions.supply.started),
                 # Runs without a glyph (watcher actions): mode, runners, busy, queued, queue_limit, runs.
                 **{f"watcher_{k}": str(v) for k, v in self.provider.sessions.watchers.status().items()},
+                **self.provider.loop_lag.details(),
                 "max_kernels": str(self.provider.settings.max_kernels),
                 "version": self.provider.version,
             },

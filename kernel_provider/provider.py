@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
+from collections import deque
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -34,6 +36,41 @@ def check_kernelspecs(*names: str) -> None:
             raise ConfigError(f"No kernelspec named {name!r} is installed; installed kernelspecs: {listing}.")
 
 
+class LoopLag:
+    """How late the provider's event loop runs a timer: anything that blocks the loop shows here.
+
+    Every run, stream and Health call waits on this one loop, so its lag is the provider's own
+    responsiveness; the last minute of samples is kept (Health details: loop_lag_*).
+    """
+
+    INTERVAL = 0.05
+    SAMPLES = 1200  # a minute at INTERVAL
+
+    def __init__(self) -> None:
+        self.samples: deque[float] = deque(maxlen=self.SAMPLES)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.INTERVAL)
+            self.samples.append(max(loop.time() - before - self.INTERVAL, 0.0))
+
+    def details(self) -> dict[str, str]:
+        if len(self.samples) < 2:
+            return {}
+        p99 = statistics.quantiles(self.samples, n=100, method="inclusive")[98]
+        return {"loop_lag_p99_ms": f"{p99 * 1000:.1f}", "loop_lag_max_ms": f"{max(self.samples) * 1000:.1f}"}
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Provider:
     """What every servicer shares. Created once per process."""
 
@@ -50,6 +87,7 @@ class Provider:
         # Serves the attest() and last() of every glyph kernel; see attestations.py.
         self.attestations = AttestationService(self.store_address)
         self.sessions = SessionManager(settings, self.attestations)
+        self.loop_lag = LoopLag()
 
     def store_address(self) -> StoreAddress:
         return StoreAddress(self.ats_store_endpoint, self.auth_token, self.settings.name, self.version)

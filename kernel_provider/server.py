@@ -70,6 +70,7 @@ async def serve(settings: Settings) -> int:
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = bind(server, settings.host, settings.port)
     await provider.sessions.start()
+    provider.loop_lag.start()
     await server.start()
     # The kernelspec was checked before we got here, so kernels can start: we serve.
     for name in ["", *service_names]:
@@ -87,5 +88,6 @@ async def serve(settings: Settings) -> int:
     await health_servicer.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
     await server.stop(GRACE_SECONDS)
     await provider.sessions.shutdown()
+    provider.loop_lag.stop()
     log.info("stopped")
     return 0

@@ -46,13 +46,14 @@ def test_glyph_id_is_visible_in_the_kernel(provider):
     assert provider.run("__glyph_id__", g)["result"] == repr(g)
 
 
-def test_run_without_glyph_gets_a_fresh_kernel_each_time(provider):
+def test_run_without_glyph_starts_from_a_clean_slate(provider):
     provider.run("left_behind = 1")
     result = provider.run("'left_behind' in dir()")
     assert result["result"] == "False"
-    # The throwaway kernels are gone once their run is answered: every live kernel is a glyph's.
-    glyphs = json.loads(provider.health().details["glyph_kernelspecs"])
-    assert provider.health().details["live_kernels"] == str(len(glyphs))
+    # Every live kernel is a glyph's or one of the few runner kernels of runs without a glyph.
+    details = provider.health().details
+    glyphs = json.loads(details["glyph_kernelspecs"])
+    assert len(glyphs) <= int(details["live_kernels"]) <= len(glyphs) + int(details["watcher_runners"])
 
 
 def test_result_json_shape_and_stream_order(provider):

@@ -38,8 +38,7 @@ def test_history_is_kept_per_kernel_not_shared(provider):
     """Two glyphs' histories do not mix (IPython's shared history.sqlite is not used)."""
     provider.run("secret_line_of_glyph_one = 1", "history-one")
     result = provider.run(
-        "ip = get_ipython()\n"
-        "print([line for _, _, line in ip.history_manager.search('*secret_line*')])",
+        "ip = get_ipython()\nprint([line for _, _, line in ip.history_manager.search('*secret_line*')])",
         "history-two",
     )
     assert result["success"], result["error"]

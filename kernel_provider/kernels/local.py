@@ -240,6 +240,7 @@ class KernelSupply:
         self._closed = asyncio.Event()
         self._ipython_dir: Path | None = None
         self.started = 0  # kernels started since the supply was made (pool and glyphs)
+        self._boots = asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2))
 
     # --- starting and stopping -------------------------------------------------------------
 
@@ -278,6 +279,13 @@ class KernelSupply:
         return {**os.environ, "IPYTHONDIR": str(self._ipython_dir)}
 
     async def _start(self, kernel_name: str, connection_file: Path) -> StartedKernel:
+        # Boots one or two at a time: a burst of new glyphs booting thirty kernels at once would
+        # take every core from the glyphs already running (their p99 went past a second), and
+        # boots sharing the cores finish no sooner than boots in turn.
+        async with self._boots:
+            return await self._boot(kernel_name, connection_file)
+
+    async def _boot(self, kernel_name: str, connection_file: Path) -> StartedKernel:
         ensure_private_dir(connection_file.parent)
         manager = AsyncKernelManager(
             kernel_name=kernel_name, connection_file=str(connection_file), **transport_options(connection_file)
