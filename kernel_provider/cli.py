@@ -112,7 +112,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
             type=_argument_type(parse, flag),
             default=default,
             metavar=metavar,
-            help=CONFIG_FIELDS[key].description.rstrip(".") + (" (default %(default)g)." if default is not None else "."),
+            help=CONFIG_FIELDS[key].description.rstrip(".")
+            + (" (default %(default)g)." if default is not None else "."),
         )
     parser.add_argument(
         "--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)"
