@@ -65,7 +65,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--port",
         type=int,
         default=DEFAULT_PORT,
-        help="port to listen on; the next nine are tried when it is taken (0: any free port; default %(default)s)",
+        help="port to listen on; the next nine are tried when it is taken (0: any free port) (default %(default)s)",
     )
     parser.add_argument(
         "--address",
