@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kernel_provider(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kernel_provider", *args], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([sys.executable, "-m", "kernel_provider", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_serve_help_shows_every_default():

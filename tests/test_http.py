@@ -197,7 +197,9 @@ def test_version_starts_the_kernel_interpreter_once(tmp_path, fresh_provider):
     # A kernelspec whose interpreter is a wrapper that notes each start before running Python.
     starts = tmp_path / "starts"
     wrapper = tmp_path / "noting-python"
-    wrapper.write_text(f'#!/bin/sh\necho start >> {shlex.quote(str(starts))}\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.write_text(
+        f'#!/bin/sh\necho start >> {shlex.quote(str(starts))}\nexec {shlex.quote(sys.executable)} "$@"\n'
+    )
     wrapper.chmod(0o755)
     spec_dir = tmp_path / "jupyter" / "kernels" / "noted"
     spec_dir.mkdir(parents=True)
