@@ -195,6 +195,16 @@ def test_odd_code_runs_correctly(request, provider, code, check, slow):
     still_serves(plugin)
 
 
+def test_a_last_value_after_a_flood_keeps_its_first_4_kb(provider):
+    result = provider.run("print('x' * 2_000_000)\n'y' * 10_000", glyph())
+    assert result["success"], result["error"]
+    assert result["result"].startswith("'yyy") and len(result["result"].encode()) == 4096
+    assert result["stdout"].rstrip().endswith("(limit 1000000 bytes)]")
+    # Kept and dropped add up: the marker counts the value's cut part too.
+    dropped = int(result["stdout"].rsplit("output truncated, ", 1)[1].split(" bytes dropped")[0])
+    assert dropped == (2_000_001 - 1_000_000) + (10_002 - 4096)
+
+
 def test_valid_upstream_null_and_nested_dict_run(provider):
     g = glyph()
     assert provider.run("upstream is None", g, upstream=b"null")["result"] == "True"
