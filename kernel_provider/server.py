@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
@@ -64,12 +65,14 @@ def _taken(host: str, port: int) -> bool:
     except socket.gaierror:
         return False  # let grpc decide, and say why
     for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(sockaddr)
-            except OSError:
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
                 return True
+            # Any other failure (no IPv6 here, an address not ours) is grpc's to report.
     return False
 
 
