@@ -70,16 +70,20 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--port",
         type=int,
         default=DEFAULT_PORT,
-        help="port to listen on; the next nine are tried when it is taken (0: any free port)",
+        help="port to listen on; the next nine are tried when it is taken (0: any free port) (default %(default)s)",
     )
     parser.add_argument(
-        "--address", type=_host_port, help="HOST:PORT to listen on; overrides --port (default host 127.0.0.1)"
+        "--address",
+        type=_host_port,
+        help="HOST:PORT to listen on, used as given (exit 1 when taken); overrides --port (default host 127.0.0.1)",
     )
     parser.add_argument(
         "--name",
         help="plugin name reported in Metadata (default: from the executable's name qntx-NAME-plugin)",
     )
-    parser.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
+    parser.add_argument(
+        "--log-level", choices=list(LOG_LEVELS), default="info", help="logs go to stderr (default %(default)s)"
+    )
     parser.add_argument(
         "--kernel",
         action="append",
@@ -91,12 +95,14 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         type=_argument_type(parse_timeout, "--execute-timeout"),
         default=DEFAULT_EXECUTE_TIMEOUT,
         metavar="SECONDS",
+        help=CONFIG_FIELDS["execute_timeout"].description.rstrip(".") + " (default %(default)g).",
     )
     parser.add_argument(
         "--max-output-bytes",
         type=_argument_type(parse_output_limit, "--max-output-bytes"),
         default=DEFAULT_MAX_OUTPUT_BYTES,
         metavar="BYTES",
+        help=CONFIG_FIELDS["max_output_bytes"].description.rstrip(".") + " (default %(default)s).",
     )
     lifecycle = [
         ("--pool-size", parse_pool_size, DEFAULT_POOL_SIZE, "N"),
@@ -114,7 +120,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
             type=_argument_type(parse, flag),
             default=default,
             metavar=metavar,
-            help=CONFIG_FIELDS[key].description,
+            help=CONFIG_FIELDS[key].description.rstrip(".")
+            + (" (default %(default)g)." if default is not None else "."),
         )
     parser.add_argument(
         "--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)"
@@ -127,6 +134,7 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         name=args.name or name_from_executable(executable),
         host=host,
         port=port,
+        retry_port=args.address is None,
         kernel=(args.kernel or [DEFAULT_KERNEL])[0],
         extra_kernels=tuple(args.kernel or ()),
         execute_timeout=args.execute_timeout,
@@ -206,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_inspect_parsers(commands)
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the usage of the command that was given, not the top-level one
+        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         return run_server(settings_from_args(args, "kernel-provider"))
     if args.command == "variant":
@@ -224,6 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         upstream=args.upstream.encode(),
         as_json=args.json,
     )
+
+
+def _innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ARGS chose, e.g. that of `env create`."""
+    while True:
+        chosen = [
+            action.choices[getattr(args, action.dest)]
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices
+        ]
+        if not chosen:
+            return parser
+        parser = chosen[0]
 
 
 def print_result(result: dict, as_json: bool) -> None:

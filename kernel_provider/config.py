@@ -45,6 +45,8 @@ class Settings:
     name: str = "python"
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    # QNTX's --port: the next nine are tried when it is taken. An explicit --address is honoured or refused.
+    retry_port: bool = True
     kernel: str = DEFAULT_KERNEL  # the default kernelspec, for glyphs that ask for none
     extra_kernels: tuple[str, ...] = ()  # more kernelspecs a glyph may ask for with `#| kernel: NAME`
     execute_timeout: float = DEFAULT_EXECUTE_TIMEOUT

@@ -144,6 +144,26 @@ def env_python(env_path: Path) -> Path:
     return env_path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def prefix_data_dir(prefix: str | os.PathLike) -> Path:
+    """The Jupyter data folder under PREFIX, where `--prefix` puts kernelspecs (as `jupyter kernelspec install`)."""
+    return Path(prefix).expanduser().resolve() / "share" / "jupyter"
+
+
+def use_prefix(prefix: str | os.PathLike) -> None:
+    """Make Jupyter (here and in kernels we start) see kernelspecs under PREFIX, the way JUPYTER_PATH does."""
+    data_dir = str(prefix_data_dir(prefix))
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if data_dir not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([data_dir, *paths])
+
+
+def visible_without_help(kernel_name: str) -> bool:
+    """Whether Jupyter finds KERNEL_NAME without a --prefix, i.e. whether other programs will."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return kernel_name in KernelSpecManager().find_kernel_specs()
+
+
 def _stream(cmd: list[str], prefix: str) -> int:
     """Run CMD, copying each line it prints to stderr behind PREFIX; its exit status."""
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -345,13 +365,18 @@ def add_env_parser(commands) -> None:
         help="let the venv see the base interpreter's packages",
     )
 
-    list_parser = actions.add_parser("list", help="every kernelspec, its Python, whether we made it and it starts")
+    list_parser = actions.add_parser(
+        "list", help="every kernelspec, its Python, whether we made it and it starts (exit 1 when one does not)"
+    )
     list_parser.add_argument("--no-check", action="store_true", help="do not start a kernel from each spec")
     list_parser.add_argument("--json", action="store_true", help="print JSON")
     list_parser.add_argument("--timeout", type=float, default=START_TIMEOUT, help="seconds a kernel gets to start")
+    prefix_help = "also look under PREFIX/share/jupyter/kernels (for an environment created with --prefix)"
+    list_parser.add_argument("--prefix", help=prefix_help)
 
     remove_parser = actions.add_parser("remove", help="remove kernelspec qntx-NAME and the venv we built for it")
     remove_parser.add_argument("name", metavar="NAME")
+    remove_parser.add_argument("--prefix", help=prefix_help)
     env.set_defaults(handler=run_env)
 
 
@@ -365,10 +390,23 @@ def run_env(args: argparse.Namespace) -> int:
             user = args.user or (prefix is None and not args.system)
             done = create(definition, args.envs_dir, user=user, prefix=prefix)
             print(f"installed kernelspec {done['kernel_name']} in {done['resource_dir']} (venv {done['env_path']})")
+            if not visible_without_help(done["kernel_name"]):
+                data_dir = Path(done["resource_dir"]).parent.parent
+                print(
+                    f"Jupyter finds kernelspecs under a prefix only through JUPYTER_PATH: set "
+                    f"JUPYTER_PATH={data_dir} where the provider (and QNTX) run, or pass --prefix {prefix} "
+                    f"to env list and env remove."
+                )
         elif args.env_command == "list":
+            if args.prefix:
+                use_prefix(args.prefix)
             rows = list_environments(check=not args.no_check, timeout=args.timeout)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+            if any(row["starts"] is False for row in rows):
+                return 1  # a kernelspec whose kernel does not start is a failure, as scripts need to know
         else:
+            if args.prefix:
+                use_prefix(args.prefix)
             done = remove(validate_name(args.name))
             extra = f" and {done['env_path']}" if done["env_path"] else ""
             print(f"removed kernelspec {done['kernel_name']} ({done['resource_dir']}){extra}")

@@ -31,6 +31,10 @@ INTERRUPT_GRACE_SECONDS = 3.0
 # How long a reply may trail the kernel's idle status before we take it as never coming.
 REPLY_AFTER_IDLE_SECONDS = 5.0
 
+# Bytes of a last value's text/plain kept when other output has used up the limit: the value
+# is what a glyph shows as its result, so a flood on stdout or stderr must not take it away.
+RESULT_TEXT_RESERVE = 4096
+
 # Metadata key of our execute_requests; the prelude's pre_run_cell hook reads it.
 REQUEST_METADATA_KEY = "kernel_provider"
 
@@ -79,6 +83,7 @@ class OutputCollector:
     dropped_bytes: int = 0
     _clear_before_next: bool = False
     _display_index: dict[str, list[int]] = field(default_factory=dict)
+    _first_cut_stream: str | None = None  # where the truncation marker goes
 
     def handle(self, msg: dict[str, Any]) -> None:
         msg_type = msg["msg_type"]
@@ -116,6 +121,8 @@ class OutputCollector:
     def _add_stream(self, output: dict[str, Any]) -> str:
         """Add a stream chunk; returns the part of its text that was kept."""
         text = self._take_text(output["text"])
+        if len(text) < len(output["text"]) and self._first_cut_stream is None:
+            self._first_cut_stream = output["name"]
         if not text:
             return text
         last = self.outputs[-1] if self.outputs else None
@@ -131,8 +138,16 @@ class OutputCollector:
         size = _bundle_size(output.get("data", {})) + sum(len(line.encode()) for line in output.get("traceback", []))
         # An error is always kept: losing why a run failed is worse than a few bytes over.
         if output["output_type"] != "error" and self.used_bytes + size > self.limit:
-            self.dropped_bytes += size
-            return False
+            if output["output_type"] != "execute_result":
+                self.dropped_bytes += size
+                return False
+            # The last value keeps its text, up to a small reserve past the limit.
+            text = str(output.get("data", {}).get("text/plain", ""))
+            kept = text.encode("utf-8", "surrogatepass")[:RESULT_TEXT_RESERVE].decode("utf-8", "ignore")
+            output["data"] = {"text/plain": kept}
+            kept_size = len(kept.encode("utf-8", "surrogatepass"))
+            self.dropped_bytes += size - kept_size
+            size = kept_size
         self.used_bytes += size
         if display_id:
             self._display_index.setdefault(display_id, []).append(len(self.outputs))
@@ -163,7 +178,8 @@ class OutputCollector:
                 f"\n[kernel_provider: output truncated, {self.dropped_bytes} bytes dropped "
                 f"(limit {self.limit} bytes)]\n"
             )
-            self.outputs.append({"output_type": "stream", "name": "stdout", "text": marker})
+            # In the stream that was cut, so a reader of that stream sees where it stops.
+            self.outputs.append({"output_type": "stream", "name": self._first_cut_stream or "stdout", "text": marker})
         return self.outputs
 
 

@@ -226,11 +226,30 @@ _KERNEL_VERSIONS_PROBE = (
 )
 
 
+# Probe answers by (kernelspec, interpreter): /version starts an interpreter once per
+# kernelspec, not on every call. Bounded, since kernelspecs can come and go.
+_KERNEL_VERSIONS: dict[tuple[str, str], dict[str, Any]] = {}
+_KERNEL_VERSIONS_MAX = 64
+
+
 async def kernel_versions(kernel_name: str) -> dict[str, Any]:
     """Python and ipykernel versions of a kernelspec's own interpreter (which may not be ours)."""
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    interpreter = kernel_interpreter(spec.argv)
+    key = (kernel_name, interpreter)
+    if key not in _KERNEL_VERSIONS:
+        answer = await _probe_versions(interpreter)
+        if answer.get("python") is None:
+            return answer  # a failed probe is tried again next time
+        if len(_KERNEL_VERSIONS) >= _KERNEL_VERSIONS_MAX:
+            _KERNEL_VERSIONS.clear()
+        _KERNEL_VERSIONS[key] = answer
+    return _KERNEL_VERSIONS[key]
+
+
+async def _probe_versions(interpreter: str) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
-        kernel_interpreter(spec.argv),
+        interpreter,
         "-c",
         _KERNEL_VERSIONS_PROBE,
         stdout=asyncio.subprocess.PIPE,

@@ -10,10 +10,12 @@ of ours refuses to shut them down or restart them, since the provider owns them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,14 @@ from typing import Any
 from kernel_provider.config import Settings, ensure_private_dir
 
 DEFAULT_LAB_PORT = 8888
-INSTALL_HINT = "JupyterLab is not installed: pip install 'kernel_provider[lab]' and run again."
+INSTALL_HINT = (
+    "JupyterLab is not installed here: run ./dev kernel-provider lab from the clone, or pip install '.[lab]' "
+    "there, and run again."
+)
+CONSOLE_HINT = (
+    "jupyter_console is not installed here, so the attach lines need it first: pip install '.[lab]' "
+    "from the clone (./dev kernel-provider lab installs it too)."
+)
 LABEL = "kernel_provider"
 
 
@@ -30,8 +39,24 @@ def default_connection_dir(name: str) -> Path:
     return Settings(name=name).resolved_connection_dir()
 
 
+def jupyter_program() -> str:
+    """`jupyter`, or its full path when the one next to our Python is not the one on PATH (a ./dev venv)."""
+    ours = Path(sys.executable).parent / "jupyter"
+    on_path = shutil.which("jupyter")
+    if ours.is_file() and (on_path is None or Path(on_path).resolve() != ours.resolve()):
+        return shlex.quote(str(ours))
+    return "jupyter"
+
+
+def console_installed() -> bool:
+    return importlib.util.find_spec("jupyter_console") is not None
+
+
 def attach_command(connection_file: str | None) -> str:
-    return f"jupyter console --existing {shlex.quote(connection_file)}" if connection_file else ""
+    """Jupyter's own way to attach a terminal console to a running kernel."""
+    if not connection_file:
+        return ""
+    return f"{jupyter_program()} console --existing {shlex.quote(connection_file)}"
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -112,6 +137,8 @@ def kernels_command(args: argparse.Namespace) -> int:
             print(f"kernel-provider: no connection folder {connection_dir}: is the provider running?", file=sys.stderr)
         kernels = kernels_from_files(connection_dir)
     print_kernels(kernels, args.json)
+    if kernels and not console_installed():
+        print(f"kernel-provider: {CONSOLE_HINT}", file=sys.stderr)
     return 0
 
 
@@ -182,6 +209,31 @@ def glyph_kernel_manager_class():
     return GlyphKernelManager
 
 
+def refuse_glyph_restarts(server) -> None:
+    """Answer JupyterLab's restart of a glyph kernel with the same clear 403 as its shut down.
+
+    jupyter_server turns any failure of restart_kernel into a bare 500 "Exception restarting
+    kernel"; a handler of ours for that one route, matched before jupyter_server's, says why.
+    """
+    from jupyter_server.auth.decorator import authorized
+    from jupyter_server.services.kernels.handlers import KernelActionHandler, _kernel_id_regex
+    from jupyter_server.utils import url_path_join
+    from tornado import web
+
+    class GlyphKernelActionHandler(KernelActionHandler):
+        @web.authenticated
+        @authorized
+        async def post(self, kernel_id, action):
+            manager = self.kernel_manager
+            if action == "restart" and kernel_id in getattr(manager, "kernel_id_to_connection_file", {}):
+                manager._refuse(kernel_id, "restart")
+            return await super().post(kernel_id, action)
+
+    route = url_path_join(server.base_url, rf"/api/kernels/{_kernel_id_regex}/(?P<action>restart)")
+    # Tornado matches rules added later before its catch-all host rule, that is before the defaults.
+    server.web_app.add_handlers(".*$", [(route, GlyphKernelActionHandler)])
+
+
 def lab_argv(connection_dir: Path, port: int, token: str, open_browser: bool) -> list[str]:
     """ServerApp settings that show the glyph kernels as running kernels and never stop them."""
     argv = [
@@ -212,6 +264,7 @@ def lab_command(args: argparse.Namespace) -> int:
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(32)
     argv = lab_argv(connection_dir, args.port, token, open_browser=not args.no_browser)
     server = LabApp.initialize_server(argv=argv, kernel_manager_class=glyph_kernel_manager_class())
+    refuse_glyph_restarts(server)
     print(f"kernel-provider: glyph kernels of {connection_dir}", file=sys.stderr)
     print(f"JupyterLab: http://127.0.0.1:{server.port}/lab?token={token}", flush=True)
     server.start()

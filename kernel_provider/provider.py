@@ -33,7 +33,10 @@ def check_kernelspecs(*names: str) -> None:
     for name in names:
         if name not in installed:
             listing = ", ".join(installed) or "none"
-            raise ConfigError(f"No kernelspec named {name!r} is installed; installed kernelspecs: {listing}.")
+            raise ConfigError(
+                f"No kernelspec named {name!r} is installed (one under a --prefix is found only through "
+                f"JUPYTER_PATH=PREFIX/share/jupyter); installed kernelspecs: {listing}."
+            )
 
 
 class LoopLag:

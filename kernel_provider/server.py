@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import signal
+import socket
 import sys
 
 import grpc
@@ -28,22 +31,58 @@ class BindError(OSError):
     pass
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind host:port, or the next free port of the following nine, as QNTX plugins do.
+def bind(server: grpc.aio.Server, host: str, port: int, retry: bool = True) -> int:
+    """Bind host:port, or with ``retry`` the next free port of the following nine, as QNTX plugins do.
 
     Port 0 asks the system for any free port (handy for tests and `kernel-provider run`).
+    Without ``retry`` (an explicit --address) the address is used as given or refused.
     """
-    attempts = 1 if port == 0 else PORT_ATTEMPTS
+    attempts = PORT_ATTEMPTS if retry and port != 0 else 1
     for candidate in range(port, port + attempts):
-        address = f"[{host}]:{candidate}" if ":" in host else f"{host}:{candidate}"
-        try:
-            bound = server.add_insecure_port(address)
-        except RuntimeError:
+        # Ask the system first: grpc would print its own error line for every taken port.
+        if candidate and _taken(host, candidate):
             bound = 0
+        else:
+            address = f"[{host}]:{candidate}" if ":" in host else f"{host}:{candidate}"
+            try:
+                bound = server.add_insecure_port(address)
+            except RuntimeError:
+                bound = 0
         if bound:
             return bound
-        log.info("port %d is taken, trying the next", candidate)
+        if attempts > 1:
+            log.info("port %d is taken, trying the next", candidate)
+    if attempts == 1:
+        hint = " (an explicit --address is used as given; --port tries the next nine)" if not retry else ""
+        raise BindError(f"cannot listen on {host}:{port}: the address is taken or not this machine's{hint}")
     raise BindError(f"could not bind {host} on any port from {port} to {port + attempts - 1}")
+
+
+def _taken(host: str, port: int) -> bool:
+    """Whether binding host:port fails now (grpc binds with SO_REUSEADDR too, so we match it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # let grpc decide, and say why
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            # Any other failure (no IPv6 here, an address not ours) is grpc's to report.
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def announce(port: int) -> None:
@@ -68,7 +107,14 @@ async def serve(settings: Settings) -> int:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = bind(server, settings.host, settings.port)
+    port = bind(server, settings.host, settings.port, retry=settings.retry_port)
+    if not is_loopback(settings.host):
+        log.warning(
+            "listening on %s, not loopback: anyone who can reach this machine on port %d can run code through "
+            "Execute, with no authentication",
+            settings.host,
+            port,
+        )
     await provider.sessions.start()
     provider.loop_lag.start()
     await server.start()

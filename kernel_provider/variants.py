@@ -58,15 +58,44 @@ def entry_point() -> list[str]:
     return [str(Path(sys.executable).absolute()), "-m", "kernel_provider", "serve"]
 
 
-def launcher_script(name: str, kernelspec: str) -> str:
+def launcher_script(name: str, kernelspec: str, jupyter_path: Path | None = None) -> str:
+    """The launcher; ``jupyter_path`` is a Jupyter data folder QNTX's environment must see for the kernelspec."""
     command = " ".join(shlex.quote(part) for part in [*entry_point(), "--name", name, "--kernel", kernelspec])
+    environment = ""
+    if jupyter_path is not None:
+        folder = shlex.quote(str(jupyter_path))
+        environment = (
+            "# The kernelspec is under a prefix, which Jupyter finds only through JUPYTER_PATH.\n"
+            f"JUPYTER_PATH={folder}${{JUPYTER_PATH:+:$JUPYTER_PATH}}; export JUPYTER_PATH\n"
+        )
     return (
         "#!/bin/sh\n"
         f"{MARKER}; remove it with: kernel-provider variant remove {name}\n"
         f"# variant: name={name} kernelspec={kernelspec}\n"
         "# Flags given at launch follow ours: a later --name wins; a later --kernel is served besides ours.\n"
+        f"{environment}"
         f'exec {command} "$@"\n'
     )
+
+
+def data_dir_needing_jupyter_path(kernelspec: str) -> Path | None:
+    """The Jupyter data folder holding KERNELSPEC when only JUPYTER_PATH makes it visible, else None."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_core.paths import jupyter_path
+
+    resource_dir = KernelSpecManager().find_kernel_specs().get(kernelspec)
+    if resource_dir is None:
+        return None
+    data_dir = Path(resource_dir).resolve().parent.parent
+    extra = {Path(p).resolve() for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p}
+    if data_dir not in extra:
+        return None
+    saved = os.environ.pop("JUPYTER_PATH")
+    try:
+        default = {Path(p).resolve() for p in jupyter_path()}
+    finally:
+        os.environ["JUPYTER_PATH"] = saved
+    return None if data_dir in default else data_dir
 
 
 def read_variant(path: Path) -> Variant | None:
@@ -111,7 +140,7 @@ def install(name: str, kernelspec: str, directory: Path, force: bool = False) ->
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(launcher_script(name, kernelspec))
+            file.write(launcher_script(name, kernelspec, data_dir_needing_jupyter_path(kernelspec)))
         os.chmod(temporary, 0o755)
         os.replace(temporary, path)
     except BaseException:

@@ -149,3 +149,51 @@ def test_remove_deletes_kernelspec_and_env(jupyter, built):
     assert done.returncode == 0, done.stderr
     assert not spec_dir(jupyter, "tiny").exists()
     assert not (jupyter["envs"] / "tiny").exists()
+
+
+def test_a_prefix_needs_jupyter_path_and_list_and_remove_take_it(jupyter, tmp_path):
+    """The README's path: create under a prefix, then list, serve and remove without JUPYTER_PATH set."""
+    prefix = tmp_path / "elsewhere"
+    env = {k: v for k, v in jupyter["env"].items() if k != "JUPYTER_PATH"}
+
+    def run(*args):
+        command = [sys.executable, "-m", "kernel_provider", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    create = ["env", "create", "pfx", "--prefix", str(prefix), "--envs-dir", str(jupyter["envs"])]
+    done = run(*create, "--system-site-packages", "--package", PACKAGE)
+    assert done.returncode == 0, done.stderr
+    data_dir = prefix.resolve() / "share" / "jupyter"
+    assert f"JUPYTER_PATH={data_dir}" in done.stdout  # the success message says what else is needed
+
+    unseen = run("env", "list", "--no-check", "--json")
+    assert "qntx-pfx" not in {row["name"] for row in json.loads(unseen.stdout)}
+    refused = run("serve", "--kernel", "qntx-pfx", "--port", "0")
+    assert refused.returncode == 2 and "JUPYTER_PATH" in refused.stderr
+
+    listed = run("env", "list", "--prefix", str(prefix), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["qntx-pfx"]["ours"] and rows["qntx-pfx"]["starts"], rows["qntx-pfx"]
+
+    assert run("env", "remove", "pfx").returncode == 1  # not found without the prefix
+    removed = run("env", "remove", "pfx", "--prefix", str(prefix))
+    assert removed.returncode == 0, removed.stderr
+    assert not (data_dir / "kernels" / "qntx-pfx").exists()
+    assert not (jupyter["envs"] / "pfx").exists()
+
+
+def test_list_exits_1_when_a_kernelspec_does_not_start(jupyter, tmp_path):
+    data_dir = tmp_path / "broken-jupyter"
+    spec_folder = data_dir / "kernels" / "wont-start"
+    spec_folder.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-c", "raise SystemExit(3)", "{connection_file}"], "language": "python"}
+    (spec_folder / "kernel.json").write_text(json.dumps(spec))
+    env = {**jupyter["env"], "JUPYTER_PATH": str(data_dir)}
+    command = [sys.executable, "-m", "kernel_provider", "env", "list", "--timeout", "30"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "wont-start" in done.stdout
+    # Every spec is still listed, and the working one says so.
+    line = next(line for line in done.stdout.splitlines() if line.startswith("python3 "))
+    assert " yes " in line.replace("  ", " ")

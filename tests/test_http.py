@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import platform
+import shlex
 import signal
+import sys
 import time
 import uuid
 from datetime import datetime
@@ -188,6 +191,28 @@ def test_kernelspecs_and_version(provider):
     assert status == 200
     assert answer["provider"] and answer["jupyter_client"] and answer["ipykernel"]
     assert answer["python"].count(".") == 2
+
+
+def test_version_starts_the_kernel_interpreter_once(tmp_path, fresh_provider):
+    # A kernelspec whose interpreter is a wrapper that notes each start before running Python.
+    starts = tmp_path / "starts"
+    wrapper = tmp_path / "noting-python"
+    wrapper.write_text(
+        f'#!/bin/sh\necho start >> {shlex.quote(str(starts))}\nexec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    spec_dir = tmp_path / "jupyter" / "kernels" / "noted"
+    spec_dir.mkdir(parents=True)
+    argv = [str(wrapper), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "noted", "language": "python"}))
+    plugin = fresh_provider("--kernel", "noted", env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
+    answers = [http(plugin, "GET", "/version") for _ in range(3)]
+    for status, _, answer in answers:
+        assert status == 200
+        assert answer["kernelspec"] == "noted"
+        assert answer["python"] == platform.python_version() and answer["ipykernel"]
+    # No glyph ran (and no pool), so every start is /version's probe: one for three calls.
+    assert starts.read_text().splitlines() == ["start"]
 
 
 # --- jobs ---------------------------------------------------------------------------------------

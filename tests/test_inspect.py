@@ -29,6 +29,7 @@ from jupyter_client import BlockingKernelClient
 from tornado.websocket import websocket_connect
 
 from conftest import attached_client, http, terminate
+from kernel_provider.lab import jupyter_program
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 START_TIMEOUT = 60
@@ -99,16 +100,16 @@ def test_kernels_command_lists_glyphs_with_the_line_to_attach(fresh_provider):
         for glyph_id, path in expected.items():
             (row,) = [r for r in rows if r.startswith(glyph_id + " ")]
             assert " python3 " in row and f" {state} " in row
-            attach = row[row.index("jupyter console") :]
-            # The printed line is a shell command: the file it names exists.
-            assert attach == f"jupyter console --existing {shlex.quote(str(path))}"
+            attach = row.split(f" {state} ", 1)[1].strip()
+            # The printed line is a shell command: Jupyter's console on the file, which exists.
+            assert attach == f"{jupyter_program()} console --existing {shlex.quote(str(path))}"
             assert Path(attach.split(" --existing ", 1)[1]).is_file()
 
     as_json = kernel_provider("kernels", "--target", f"127.0.0.1:{plugin.port}", "--json")
     assert as_json.returncode == 0, as_json.stderr
     listed = {k["glyph_id"]: k for k in json.loads(as_json.stdout)}
     assert set(listed) == set(expected)
-    assert listed["listed b"]["attach"] == f"jupyter console --existing {shlex.quote(str(expected['listed b']))}"
+    assert listed["listed b"]["attach"].endswith(f" console --existing {shlex.quote(str(expected['listed b']))}")
     assert Path(listed["listed b"]["connection_file"]).is_file()
 
     # A stopped glyph is gone from both listings, and so is its file.
@@ -121,6 +122,26 @@ def test_kernels_command_lists_glyphs_with_the_line_to_attach(fresh_provider):
 
     unreachable = kernel_provider("kernels", "--target", "127.0.0.1:1")
     assert unreachable.returncode == 2 and "no provider answered" in unreachable.stderr
+
+
+def test_the_printed_attach_line_attaches_a_console(fresh_provider):
+    plugin = fresh_provider()
+    assert plugin.run("seen = 21", "consoled")["success"]
+    listing = kernel_provider("kernels", "--target", f"127.0.0.1:{plugin.port}", "--json")
+    assert listing.returncode == 0, listing.stderr
+    (kernel,) = json.loads(listing.stdout)
+    # Run the line as a person pastes it into a shell; end of input leaves the console and keeps the kernel.
+    console = subprocess.run(
+        kernel["attach"] + " --simple-prompt",
+        shell=True,
+        input="print('from the console', seen * 2)\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert console.returncode == 0, console.stderr
+    assert "from the console 42" in console.stdout
+    assert plugin.run("seen + 1", "consoled")["result"] == "22"
 
 
 def free_port() -> int:
@@ -273,8 +294,8 @@ def test_jupyterlab_shows_runs_and_never_stops_a_glyph_kernel(fresh_provider, la
     # JupyterLab may not shut down or restart the provider's kernel.
     status, body = server.request("DELETE", f"/api/kernels/{kernel_id}")
     assert status == 403 and "kernel_provider" in body["message"]
-    status, _ = server.request("POST", f"/api/kernels/{kernel_id}/restart")
-    assert status != 200
+    status, body = server.request("POST", f"/api/kernels/{kernel_id}/restart")
+    assert status == 403 and "kernel_provider" in body["message"] and "/restart" in body["message"]
     assert [k["id"] for k in server.get("/api/kernels")] == [kernel_id]
 
     # Stopping JupyterLab leaves the glyph's kernel and its state alone.
@@ -299,7 +320,7 @@ def test_lab_without_jupyterlab_says_how_to_install_it(tmp_path):
         "lab", "--connection-dir", str(tmp_path / "conn"), "--no-browser", env={"PYTHONPATH": str(tmp_path)}
     )
     assert result.returncode == 2
-    assert "pip install 'kernel_provider[lab]'" in result.stderr
+    assert "./dev kernel-provider lab" in result.stderr and "pip install '.[lab]'" in result.stderr
 
 
 def find_chromium() -> str | None:

@@ -46,6 +46,15 @@ def test_binds_loopback_only(fresh_provider):
     assert listeners in (["0100007F"], ["0000000000000000FFFF00000100007F"]), listeners
 
 
+def stopped_log(plugin) -> str:
+    """Everything the plugin wrote on stderr, once it has exited and the reader has caught up."""
+    assert plugin.stop() == 0
+    deadline = time.monotonic() + 30
+    while not any("stopped" in line for line in plugin.stderr_lines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return "".join(plugin.stderr_lines)
+
+
 def test_taken_port_moves_to_the_next(fresh_provider):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
@@ -54,6 +63,40 @@ def test_taken_port_moves_to_the_next(fresh_provider):
         plugin = fresh_provider(port=taken)
         assert plugin.port != taken
         assert taken < plugin.port <= taken + 9
+    log = stopped_log(plugin)
+    assert f"port {taken} is taken, trying the next" in log
+    # Our sentence only, not grpc's own `E1127 ... add_port.cc] Failed to add port` line.
+    assert "add_port" not in log and "Failed to add port" not in log
+
+
+def test_an_explicit_address_that_is_taken_is_refused(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        command = [PLUGIN_EXECUTABLE, "--address", f"127.0.0.1:{taken}", "--connection-dir", str(tmp_path / "c")]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stdout == ""  # no port line: QNTX must not think it serves elsewhere
+    assert f"cannot listen on 127.0.0.1:{taken}" in done.stderr
+    assert "--port tries the next nine" in done.stderr
+
+
+def test_a_free_explicit_address_is_used_as_given(fresh_provider):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    plugin = fresh_provider("--address", f"127.0.0.1:{free}")
+    assert plugin.port == free
+    assert "not loopback" not in stopped_log(plugin)
+
+
+def test_an_address_beyond_loopback_is_warned_about_once(fresh_provider):
+    plugin = fresh_provider("--address", "0.0.0.0:0", initialize=False)
+    assert loopback_listeners(plugin.port) in (["00000000"], ["00000000000000000000000000000000"])
+    warnings = [line for line in stopped_log(plugin).splitlines() if "not loopback" in line]
+    assert len(warnings) == 1, warnings
+    assert "WARNING" in warnings[0] and "0.0.0.0" in warnings[0] and "run code" in warnings[0]
 
 
 def test_metadata(fresh_provider):

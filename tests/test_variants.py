@@ -162,3 +162,20 @@ def test_unknown_kernelspec_exits_2_listing_installed_ones(tmp_path, jupyter_env
     err = capsys.readouterr().err
     assert "No kernelspec named 'nope'" in err and "python3" in err and "python3-copy" in err
     assert not (tmp_path / "plugins" / "qntx-bio-plugin").exists()
+
+
+def test_a_kernelspec_under_a_prefix_is_found_when_qntx_launches_the_variant(
+    tmp_path, jupyter_env, fresh_provider, monkeypatch
+):
+    # python3-copy is visible only through JUPYTER_PATH (as one made with `env create --prefix` is).
+    plugins = tmp_path / "plugins"
+    assert variant("install", "prefixed", "--kernel", "python3-copy", "--dir", str(plugins)) == 0
+    assert variant("install", "plain", "--kernel", "python3", "--dir", str(plugins)) == 0
+    assert f"JUPYTER_PATH={jupyter_env['JUPYTER_PATH']}" in (plugins / "qntx-prefixed-plugin").read_text()
+    assert "JUPYTER_PATH" not in (plugins / "qntx-plain-plugin").read_text()  # python3 needs no help
+    # QNTX's environment knows nothing of that folder.
+    monkeypatch.delenv("JUPYTER_PATH")
+    plugin = fresh_provider(executable=plugins / "qntx-prefixed-plugin")
+    assert plugin.run("1 + 1", "g")["result"] == "2"
+    (kernel,) = kernels(plugin)
+    assert kernel["kernel_name"] == "python3-copy"
