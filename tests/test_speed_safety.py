@@ -139,3 +139,23 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_the_provider_answers_while_kernels_boot(fresh_provider):
+    """Kernel boots do not hold the event loop: Health answers before any of four first runs does."""
+    plugin = fresh_provider()
+    finished: list[str] = []
+
+    def first_run(glyph: str) -> None:
+        assert plugin.run("1", glyph)["success"]
+        finished.append(glyph)
+
+    threads = [threading.Thread(target=first_run, args=(f"booting-{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: int(plugin.health().details["kernels_started"]) >= 1, what="the first boot")
+    answered_while_booting = [finished == [] for _ in range(5) if plugin.health().healthy]
+    for thread in threads:
+        thread.join()
+    assert len(finished) == 4
+    assert answered_while_booting and all(answered_while_booting)
