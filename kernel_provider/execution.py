@@ -402,6 +402,16 @@ async def request_reply(
         connection.forget(inbox)
 
 
+def send_silently(connection: KernelConnection, code: str) -> None:
+    """Queue set-up code ahead of the next request without waiting for it.
+
+    The kernel runs shell requests in arrival order, so the next run sees what this did;
+    for code that cannot fail (an assignment), this saves the first run a round trip.
+    """
+    content = {"code": code, "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+    connection.forget(connection.request("shell", "execute_request", content))
+
+
 async def run_silently(connection: KernelConnection, code: str, *, timeout: float) -> None:
     """Run set-up code that must not show up in history or outputs; raise if it fails."""
     content = {"code": code, "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}

@@ -29,7 +29,7 @@ from kernel_provider.execution import (
     KernelDied,
     interrupt_until_idle,
     run_code,
-    run_silently,
+    send_silently,
 )
 from kernel_provider.kernels import (
     KERNEL_START_TIMEOUT,
@@ -262,17 +262,11 @@ class KernelSession:
 
     async def _start(self, timeout: float = KERNEL_START_TIMEOUT) -> None:
         kernel = await self.supply.obtain(self.kernel_name, self.glyph_id or None, timeout)
-        try:
-            # The prelude ran when the kernel started (KernelSupply's set-up code); what is
-            # left is to say whose kernel it is now. A runner of runs without a glyph (watcher
-            # actions, which can come in bursts) yields the CPU to glyphs a person waits for.
-            claim = (
-                f"__glyph_id__ = {self.glyph_id!r}" if self.glyph_id else f"__import__('os').nice({RUNNER_NICENESS})"
-            )
-            await run_silently(kernel.connection, claim, timeout=KERNEL_START_TIMEOUT)
-        except BaseException:
-            await self.supply.give_back(kernel)
-            raise
+        # The prelude ran when the kernel started (KernelSupply's set-up code); what is left is
+        # to say whose kernel it is now, queued ahead of the glyph's first run. A runner of runs
+        # without a glyph (watcher actions, which come in bursts) yields the CPU to glyphs.
+        claim = f"__glyph_id__ = {self.glyph_id!r}" if self.glyph_id else f"__import__('os').nice({RUNNER_NICENESS})"
+        send_silently(kernel.connection, claim)
         self.kernel = kernel
         self.kernel_id = str(uuid.uuid4())
         self.execution_count = 0
