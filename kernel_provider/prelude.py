@@ -27,6 +27,7 @@ def _kernel_provider_setup(memory_limit_mb=None):
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     ip.user_ns["upstream"] = None
     kernel = ip.kernel
+    _quiet_pipe(kernel)
     ask_provider = type(kernel).raw_input.__get__(kernel)  # before input() is turned off below
 
     def provider_request():
@@ -56,6 +57,26 @@ def _kernel_provider_setup(memory_limit_mb=None):
 
     kernel.raw_input = no_input
     kernel.getpass = no_input
+
+
+def _quiet_pipe(kernel):
+    """Drop junk sent to ipykernel's subprocess-output pipe instead of printing each piece.
+
+    ipykernel listens on a TCP port of 127.0.0.1 for the output of forked subprocesses and
+    prints every message without its secret to stderr, which is the provider's: anyone on the
+    machine could flood the provider's log. Messages with the secret are handled as before.
+    """
+    thread = getattr(kernel, "iopub_thread", None)
+    pipe, secret = getattr(thread, "_pipe_in", None), getattr(thread, "_pipe_uuid", None)
+    if pipe is None or secret is None:
+        return
+    handle = thread._handle_pipe_msg
+
+    def only_ours(msg):
+        if msg and msg[0] == secret:
+            handle(msg)
+
+    pipe.on_recv(only_ours)
 
 
 def _install_reset(ip, functions):

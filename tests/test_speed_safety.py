@@ -159,3 +159,42 @@ def test_the_provider_answers_while_kernels_boot(fresh_provider):
         thread.join()
     assert len(finished) == 4
     assert answered_while_booting and all(answered_while_booting)
+
+
+def test_junk_on_a_kernels_subprocess_pipe_does_not_flood_the_provider(fresh_provider):
+    """Issue 9, point 11: ipykernel's pipe port takes anything from anyone; it must not reach our log."""
+    import zmq
+
+    plugin = fresh_provider()
+    port = int(plugin.run("get_ipython().kernel.iopub_thread._pipe_port", "piped")["result"])
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(f"tcp://127.0.0.1:{port}")
+    for n in range(500):
+        push.send_multipart([b"not the secret", b"junk %d" % n])
+    push.close()
+    context.term()
+    # Output of a forked subprocess, which travels on that pipe with the secret, still arrives.
+    forked = plugin.run(
+        "import os, sys\npid = os.fork()\nif pid == 0:\n    print('from the child', flush=True); os._exit(0)\nos.waitpid(pid, 0); 'ok'",
+        "piped",
+    )
+    assert forked["success"] and forked["result"] == "'ok'"
+    assert "from the child" in forked["stdout"]
+    assert not [line for line in plugin.stderr_lines if "Bad pipe message" in line]
+
+
+def test_a_pooled_kernel_whose_file_was_removed_is_stopped_not_leaked(fresh_provider):
+    """Issue 9, point 11: such a kernel leaked its process and its slot."""
+    plugin = fresh_provider("--pool-size", "1", "--max-kernels", "2")
+    wait_for(lambda: plugin.health().details["pooled_kernels"] == "1", what="the pool to fill")
+    (pool_file,) = (plugin.connection_dir / "pool").glob("kernel-pool-*.json")
+    (pooled_pid,) = plugin.kernel_pids()
+    pool_file.unlink()
+    result = plugin.run("'a fresh kernel'", "after-the-loss")
+    assert result["success"] and result["result"] == "'a fresh kernel'"
+    wait_for(lambda: pooled_pid not in plugin.kernel_pids(), what="the orphaned pool kernel to stop")
+    # Its slot came back: the glyph's kernel and a refilled pool fit under the ceiling of two.
+    wait_for(lambda: plugin.health().details["pooled_kernels"] == "1", what="the pool to refill")
+    assert len(plugin.kernel_pids()) == 2
