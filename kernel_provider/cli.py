@@ -121,7 +121,13 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
             default=default,
             metavar=metavar,
             help=CONFIG_FIELDS[key].description.rstrip(".")
-            + (" (default %(default)g)." if default is not None else "."),
+            + (
+                "."
+                if default is None
+                else " (default %(default)g)."
+                if isinstance(default, float | int)
+                else " (default %(default)s)."
+            ),
         )
     parser.add_argument(
         "--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)"

@@ -35,6 +35,8 @@ def test_serve_help_shows_every_default():
         ("--idle-timeout", "3600"),
         ("--max-kernels", "64"),
         ("--log-level", "info"),
+        ("--watcher-kernels", "4"),
+        ("--watcher-mode", "reset"),
     ]:
         described = " ".join(entries[flag].split())
         assert f"(default {default})" in described, (flag, described)
