@@ -36,6 +36,7 @@ KERNEL_START_TIMEOUT = 60.0
 # Unix socket paths are limited to 108 bytes; ipc sockets are named "<base>-<port number>".
 MAX_IPC_BASE_LENGTH = 100
 POOL_RETRY_SECONDS = 5.0
+POOL_REFILL_DELAY_SECONDS = 0.5
 
 
 class CapacityError(Exception):
@@ -331,7 +332,9 @@ class KernelSupply:
         if kernel_name != self._pool_kernel or not self._pool:
             return None
         kernel = self._pool.pop(0)
-        self._schedule_refill()
+        # Refill a moment later: a boot started now would take a core from the very run that
+        # claimed this kernel (a new glyph's first run cost 8x a steady one on 2 busy cores).
+        asyncio.get_running_loop().call_later(POOL_REFILL_DELAY_SECONDS, self._schedule_refill)
         return kernel
 
     async def _claim_booting(self, kernel_name: str) -> StartedKernel | None:
