@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -456,3 +457,17 @@ def test_the_sandbox_is_a_kernel_provisioner_any_jupyter_client_can_use():
 
     entries = KernelProvisionerFactory.instance().get_provisioner_entries()
     assert entries.get("kernel-provider-sandbox") == "kernel_provider.kernels.sandbox:SandboxProvisioner"
+
+
+@needs_sandbox
+def test_kernel_network_host_gives_the_glyph_the_hosts_network_on_purpose(fresh_provider):
+    plugin = fresh_provider(*SANDBOX, "--kernel-network", "host")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        code = (
+            f"import socket\nsocket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=30).close()"
+        )
+        assert plugin.run(code, "g")["success"]
+    # Still a sandbox: its own processes only.
+    assert plugin.run("import os\nsorted(os.listdir('/proc'))[-2:]", "g")["result"] == "['self', 'thread-self']"

@@ -201,7 +201,18 @@ class SandboxProvisioner(LocalProvisioner):
             (folder / part).mkdir(mode=0o700)
             if self.uid is not None:
                 os.chown(folder / part, self.uid, self.uid)
+        self._write_ipython_config(folder / "home")
         return folder
+
+    def _write_ipython_config(self, home: Path) -> None:
+        """History in memory: HOME goes with the kernel, so a history database there would only cost
+        every start its creation (a kernel other than IPython never reads this file)."""
+        profile = home / ".ipython" / "profile_default"
+        profile.mkdir(parents=True)
+        (profile / "ipython_kernel_config.py").write_text("c.HistoryManager.hist_file = ':memory:'\n")
+        if self.uid is not None:
+            for path in (home / ".ipython", profile, profile / "ipython_kernel_config.py"):
+                os.chown(path, self.uid, self.uid)
 
     def _write_private(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
@@ -217,6 +228,11 @@ class SandboxProvisioner(LocalProvisioner):
     def _wrap(self, cmd: list[str], connection_file: Path, connection_copy: Path) -> list[str]:
         assert self.folder is not None
         mounts = _Mounts()
+        # /tmp first: whatever lives under it on the host (a venv, the connection folder) goes on top.
+        mounts.bind(str(self.folder / "tmp"), "/tmp")
+        mounts.add("--proc", "/proc")
+        mounts.add("--dev", "/dev")
+        mounts.add("--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm")
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 mounts.add("--symlink", os.readlink(top), top)
@@ -226,10 +242,6 @@ class SandboxProvisioner(LocalProvisioner):
         mounts.bind("/etc", "/etc", read_only=True)
         for path in sorted(_interpreter_paths(cmd[0]) | set(self.read_only_paths)):
             mounts.bind(path, path, read_only=True)
-        mounts.add("--proc", "/proc")
-        mounts.add("--dev", "/dev")
-        mounts.add("--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm")
-        mounts.bind(str(self.folder / "tmp"), "/tmp")
         mounts.bind(str(self.folder / "home"), HOME_IN_SANDBOX)
         mounts.bind(str(self.folder / "run"), str(self.folder / "run"))
         mounts.bind(str(connection_copy), str(connection_file), read_only=True)
