@@ -343,14 +343,16 @@ def test_restart_gives_a_fresh_sandbox(fresh_provider):
 def test_a_root_provider_runs_each_kernel_as_its_own_unprivileged_user(fresh_provider):
     plugin = fresh_provider(*SANDBOX)
     code = """
-import json, os
+import json, os, resource
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-print(json.dumps([os.getuid(), os.geteuid(), os.getgid(), os.getgroups(), status["CapEff"].strip()]))
+ids = [os.getuid(), os.geteuid(), os.getgid(), os.getgroups()]
+print(json.dumps([*ids, status["CapEff"].strip(), resource.getrlimit(resource.RLIMIT_NPROC)]))
 """
     first, second = value(plugin, "a", code), value(plugin, "b", code)
-    for uid, euid, gid, groups, capabilities in (first, second):
+    for uid, euid, gid, groups, capabilities, processes in (first, second):
         assert uid != 0 and euid != 0 and gid != 0 and groups == []
         assert int(capabilities, 16) == 0
+        assert processes == [1024, 1024]  # its uid is its own: this bounds a fork bomb
     assert first[0] != second[0]
 
 

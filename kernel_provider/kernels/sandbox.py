@@ -49,6 +49,7 @@ UID_RANGE = 1 << 24
 SHM_BYTES = 64 * 1024 * 1024
 MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1, where a root provider may write
 HOME_IN_SANDBOX = "/home/glyph"
+MAX_PROCESSES = 1024  # processes and threads of one kernel, where it has a uid of its own
 
 
 @functools.cache
@@ -248,10 +249,14 @@ class SandboxProvisioner(LocalProvisioner):
         bwrap = [shutil.which("bwrap") or "bwrap", *_namespace_flags(self.network), *mounts.args]
         # ipykernel quits when its parent is not JPY_PARENT_PID; here its parent is bwrap's pid 1.
         bwrap += ["--remount-ro", "/", "--chdir", HOME_IN_SANDBOX, "--setenv", "JPY_PARENT_PID", "1", "--"]
-        inner: list[str] = []
+        limits = []
         limit = self.memory_limit_mb * 1024 * 1024
         if limit:
-            inner += ["prlimit", f"--as={limit}", "--"]
+            limits.append(f"--as={limit}")
+        if self.uid is not None:
+            # The uid is the kernel's alone, so this bounds its processes and threads (a fork bomb).
+            limits.append(f"--nproc={MAX_PROCESSES}")
+        inner = ["prlimit", *limits, "--"] if limits else []
         if self.uid is not None:
             inner += ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups"]
             inner += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
