@@ -16,6 +16,7 @@ and pid namespace take every process it started with it, however it detached.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import functools
@@ -48,6 +49,7 @@ UID_RANGE = 1 << 24
 # /dev/shm is a tmpfs (memory that no rlimit counts): keep it small.
 SHM_BYTES = 64 * 1024 * 1024
 MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1, where a root provider may write
+CGROUP_REMOVE_TRIES = 40
 HOME_IN_SANDBOX = "/home/glyph"
 MAX_PROCESSES = 1024  # processes and threads of one kernel, where it has a uid of its own
 
@@ -175,10 +177,16 @@ class SandboxProvisioner(LocalProvisioner):
             os.close(self._lock_fd)
             self._lock_fd = None
         if self.cgroup is not None:
-            try:
-                self.cgroup.rmdir()
-            except OSError as exc:
-                log.debug("memory cgroup %s not removed: %s", self.cgroup, exc)
+            # The sandbox's last processes may still be exiting (a cgroup with tasks cannot go).
+            for _ in range(CGROUP_REMOVE_TRIES):
+                try:
+                    self.cgroup.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    log.debug("memory cgroup %s not removed yet: %s", self.cgroup, exc)
+                    await asyncio.sleep(0.05)
             self.cgroup = None
 
     # --- the kernel's folder ---------------------------------------------------------------------
