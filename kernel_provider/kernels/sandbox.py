@@ -141,6 +141,7 @@ class SandboxProvisioner(LocalProvisioner):
         kwargs = await super().pre_launch(**kwargs)
         connection_copy = self.folder / "connection.json"
         self._write_private(connection_copy, Path(manager.connection_file).read_bytes())
+        self._write_ipython_config(self.folder / "home", (kwargs.get("env") or {}).get("IPYTHONDIR"))
         kwargs["env"] = self._kernel_env(kwargs["cmd"][0], kwargs.get("env") or {})
         kwargs["cmd"] = self._wrap(kwargs["cmd"], Path(manager.connection_file), connection_copy)
         kwargs["cwd"] = str(self.folder)
@@ -210,15 +211,22 @@ class SandboxProvisioner(LocalProvisioner):
             (folder / part).mkdir(mode=0o700)
             if self.uid is not None:
                 os.chown(folder / part, self.uid, self.uid)
-        self._write_ipython_config(folder / "home")
         return folder
 
-    def _write_ipython_config(self, home: Path) -> None:
-        """History in memory: HOME goes with the kernel, so a history database there would only cost
-        every start its creation (a kernel other than IPython never reads this file)."""
+    def _write_ipython_config(self, home: Path, ipython_dir: str | None) -> None:
+        """The kernel's own IPython profile in its HOME (a kernel other than IPython never reads it).
+
+        The profile of an IPYTHONDIR the launcher gives is copied, not mounted: a folder kernels
+        share would be a way from one to another. Without one, history is kept in memory: HOME goes
+        with the kernel, so a history database there would only cost every start its creation.
+        """
+        config = "c.HistoryManager.hist_file = ':memory:'\n"
+        if ipython_dir:
+            with contextlib.suppress(OSError):
+                config = (Path(ipython_dir) / "profile_default" / "ipython_kernel_config.py").read_text()
         profile = home / ".ipython" / "profile_default"
         profile.mkdir(parents=True)
-        (profile / "ipython_kernel_config.py").write_text("c.HistoryManager.hist_file = ':memory:'\n")
+        (profile / "ipython_kernel_config.py").write_text(config)
         if self.uid is not None:
             for path in (home / ".ipython", profile, profile / "ipython_kernel_config.py"):
                 os.chown(path, self.uid, self.uid)
