@@ -143,7 +143,7 @@ def test_attack_3_a_glyph_cannot_plant_code_in_a_warm_pool_kernel(fresh_provider
     plugin = fresh_provider(*SANDBOX, "--pool-size", "1")
     assert plugin.run("1", "a")["success"]  # A takes the first pooled kernel; the pool refills
     wait_until(lambda: plugin.health().details["pooled_kernels"] == "1", what="the pool to refill")
-    (pool_file,) = plugin.connection_dir.glob("**/kernel-pool-*.json")
+    (pool_file,) = (plugin.connection_dir / "pool").glob("kernel-pool-*.json")
     plant = "import builtins; builtins.planted = 'by a'"
     outcome = value(plugin, "a", TAKE_OVER.format(info=pool_file.read_text(), code=plant))
     assert outcome == "RuntimeError"
