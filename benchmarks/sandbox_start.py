@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
+from kernel_provider.kernels.local import KERNEL_CONFIG
 from kernel_provider.kernels.sandbox import SandboxedKernelSpecs, sandbox_problem
 
 GOAL_RATIO = 1.10
@@ -42,8 +44,10 @@ async def start_and_stop(kernel: str, folder: Path, specs: SandboxedKernelSpecs 
         ip=str(folder / f"ipc-{name}"),
         **options,
     )
+    # The IPython profile the provider gives its kernels (history in memory), for both kinds.
+    environment = {**os.environ, "IPYTHONDIR": str(folder / "ipython")}
     started = time.perf_counter()
-    await manager.start_kernel()
+    await manager.start_kernel(env=environment)
     client = manager.client()
     client.start_channels()
     try:
@@ -72,6 +76,9 @@ async def main() -> int:
     specs = SandboxedKernelSpecs(sandbox_config={"network": "none", "memory_limit_mb": args.memory_limit})
     times: dict[str, list[float]] = {"unsandboxed": [], "sandboxed": []}
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as folder:
+        profile = Path(folder) / "ipython" / "profile_default"
+        profile.mkdir(parents=True)
+        (profile / "ipython_kernel_config.py").write_text(KERNEL_CONFIG)
         await start_and_stop(args.kernel, Path(folder), None)  # warm the disk cache for both
         await start_and_stop(args.kernel, Path(folder), specs)
         for round_number in range(args.rounds):
