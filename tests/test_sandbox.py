@@ -468,3 +468,18 @@ def test_kernel_network_host_gives_the_glyph_the_hosts_network_on_purpose(fresh_
         assert plugin.run(code, "g")["success"]
     # Still a sandbox: its own processes only.
     assert plugin.run("import os\nlen([p for p in os.listdir('/proc') if p.isdigit()])", "g")["result"] == "2"
+
+
+@needs_sandbox
+def test_a_connection_folder_too_deep_for_socket_paths_still_gets_ipc_sockets_of_its_own(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    plugin = launch(deep, *SANDBOX, "--pool-size", "0")
+    try:
+        assert plugin.run("state = 1", "g")["success"]
+        info = json.loads(connection_file_of(plugin, "g").read_text())
+        assert info["transport"] == "ipc" and len(os.fsencode(info["ip"])) + 6 <= 107
+        assert plugin.run("state + 1", "g")["result"] == "2"
+        folder = scratch_folder_of(connection_file_of(plugin, "g"))
+    finally:
+        assert plugin.stop() == 0
+    assert not folder.exists()

@@ -290,13 +290,12 @@ class KernelSupply:
 
     async def _boot(self, kernel_name: str, connection_file: Path) -> StartedKernel:
         ensure_private_dir(connection_file.parent)
-        options = {"kernel_spec_manager": self.sandboxed_specs} if self.sandboxed_specs is not None else {}
-        manager = AsyncKernelManager(
-            kernel_name=kernel_name,
-            connection_file=str(connection_file),
-            **transport_options(connection_file),
-            **options,
-        )
+        # A sandboxed kernel's provisioner puts its ipc sockets in the kernel's own folder.
+        if self.sandboxed_specs is not None:
+            options = {"kernel_spec_manager": self.sandboxed_specs}
+        else:
+            options = transport_options(connection_file)
+        manager = AsyncKernelManager(kernel_name=kernel_name, connection_file=str(connection_file), **options)
         await manager.start_kernel(env=self._kernel_environment())
         self.started += 1
         label_connection_file(connection_file, plugin=self.plugin_name, provider_pid=os.getpid())
