@@ -362,7 +362,15 @@ def ordinary_user_problem() -> str | None:
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is missing"
     check = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(PLUGIN_EXECUTABLE), "--help"],
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import kernel_provider.cli",
+        ],
         capture_output=True,
         text=True,
     )
