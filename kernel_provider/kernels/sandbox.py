@@ -122,6 +122,7 @@ class SandboxProvisioner(LocalProvisioner):
     cgroup: Path | None = None
     kernel_pid: int | None = None
     _lock_fd: int | None = None
+    _env: dict[str, str] = {}  # the kernel's environment, set by pre_launch
 
     @validate("network")
     def _check_network(self, proposal):
@@ -142,7 +143,7 @@ class SandboxProvisioner(LocalProvisioner):
         connection_copy = self.folder / "connection.json"
         self._write_private(connection_copy, Path(manager.connection_file).read_bytes())
         self._write_ipython_config(self.folder / "home", (kwargs.get("env") or {}).get("IPYTHONDIR"))
-        kwargs["env"] = self._kernel_env(kwargs["cmd"][0], kwargs.get("env") or {})
+        kwargs["env"] = self._env = self._kernel_env(kwargs["cmd"][0], kwargs.get("env") or {})
         kwargs["cmd"] = self._wrap(kwargs["cmd"], Path(manager.connection_file), connection_copy)
         kwargs["cwd"] = str(self.folder)
         return kwargs
@@ -257,7 +258,8 @@ class SandboxProvisioner(LocalProvisioner):
                 mounts.bind(top, top, read_only=True)
         mounts.bind("/usr", "/usr", read_only=True)
         mounts.bind("/etc", "/etc", read_only=True)
-        for path in sorted(_interpreter_paths(cmd[0]) | set(self.read_only_paths)):
+        pythonpath = self._env.get("PYTHONPATH", "")
+        for path in sorted(_interpreter_paths(cmd[0], pythonpath) | set(self.read_only_paths)):
             mounts.bind(path, path, read_only=True)
         mounts.bind(str(self.folder / "home"), HOME_IN_SANDBOX)
         mounts.bind(str(self.folder / "run"), str(self.folder / "run"))
@@ -355,8 +357,9 @@ class _Mounts:
         self.args += ["--ro-bind" if read_only else "--bind", source, destination]
 
 
-def _interpreter_paths(program: str) -> set[str]:
-    """Host folders a kernel's interpreter needs beyond /usr: its prefix, its venv's base prefix."""
+def _interpreter_paths(program: str, pythonpath: str = "") -> set[str]:
+    """Host folders a kernel's interpreter needs beyond /usr: its prefix, its venv's base prefix, and
+    every folder on its sys.path (a .pth file or an editable install may point anywhere)."""
     paths: set[str] = set()
     for candidate in {Path(program), Path(program).resolve()}:
         if candidate.parent.name == "bin" and candidate.is_absolute():
@@ -367,9 +370,32 @@ def _interpreter_paths(program: str) -> set[str]:
                     key, _, value = line.partition("=")
                     if key.strip() == "home" and value.strip():
                         paths.add(str(Path(value.strip()).parent))
-    return {
-        p for p in paths if p != "/usr" and not p.startswith(("/usr/", "/etc/")) and os.access(p, os.R_OK | os.X_OK)
-    }
+    if Path(program).name.startswith("python"):
+        paths |= _python_path(program, pythonpath)
+    kept: set[str] = set()
+    for path in sorted(p for p in paths if os.access(p, os.R_OK | os.X_OK)):
+        # Parents sort first: a folder inside one kept (or inside /usr or /etc) needs no mount of its own.
+        if not any(Path(path).is_relative_to(outer) for outer in (*kept, "/usr", "/etc")):
+            kept.add(path)
+    return kept
+
+
+@functools.cache
+def _python_path(program: str, pythonpath: str) -> frozenset[str]:
+    """The folders on ``program``'s sys.path, asked once per interpreter."""
+    env = {"PATH": os.defpath, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    try:
+        done = subprocess.run(
+            [program, "-c", "import sys; print('\\n'.join(sys.path))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(line for line in done.stdout.splitlines() if line.startswith("/") and os.path.isdir(line))
 
 
 def _short_private_dir() -> Path:
