@@ -204,6 +204,8 @@ def run_server(settings: Settings) -> int:
         if problem is not None:
             print(f"kernel_provider: glyph kernels run unsandboxed: {problem}", file=sys.stderr)
         settings = dataclasses.replace(settings, isolation="none" if problem else "sandbox")
+        if problem is None:
+            log.info("glyph kernels run in bubblewrap sandboxes, network %s", settings.kernel_network)
     try:
         return asyncio.run(serve(settings))
     except BindError as exc:
