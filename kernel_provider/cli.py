@@ -140,13 +140,14 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         choices=ISOLATION_MODES,
         default="auto",
         help="run glyph kernels in a sandbox: auto (where the platform allows, else unsandboxed with a warning), "
-        "sandbox (refuse to start where impossible) or none",
+        "sandbox (refuse to start where impossible) or none (default %(default)s)",
     )
     parser.add_argument(
         "--kernel-network",
         choices=KERNEL_NETWORKS,
         default="none",
-        help="network of a sandboxed kernel: none (a private loopback only) or host (the host's, loopback included)",
+        help="network of a sandboxed kernel: none (a private loopback only) or host (the host's, loopback included) "
+        "(default %(default)s)",
     )
 
 
