@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,8 @@ from kernel_provider.config import (
     DEFAULT_PORT,
     DEFAULT_WATCHER_KERNELS,
     DEFAULT_WATCHER_QUEUE,
+    ISOLATION_MODES,
+    KERNEL_NETWORKS,
     ConfigError,
     Settings,
     parse_idle_timeout,
@@ -132,6 +135,20 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connection-dir", type=Path, help="folder for live kernels' connection files (created mode 0700)"
     )
+    parser.add_argument(
+        "--isolation",
+        choices=ISOLATION_MODES,
+        default="auto",
+        help="run glyph kernels in a sandbox: auto (where the platform allows, else unsandboxed with a warning), "
+        "sandbox (refuse to start where impossible) or none (default %(default)s)",
+    )
+    parser.add_argument(
+        "--kernel-network",
+        choices=KERNEL_NETWORKS,
+        default="none",
+        help="network of a sandboxed kernel: none (a private loopback only) or host (the host's, loopback included) "
+        "(default %(default)s)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
@@ -154,6 +171,8 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         watcher_mode=args.watcher_mode,
         connection_dir=args.connection_dir.resolve() if args.connection_dir else None,
         log_level=args.log_level,
+        isolation=args.isolation,
+        kernel_network=args.kernel_network,
     )
 
 
@@ -176,6 +195,18 @@ def run_server(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 2
+    if settings.isolation != "none":
+        from kernel_provider.kernels.sandbox import sandbox_problem
+
+        problem = sandbox_problem()
+        if problem is not None and settings.isolation == "sandbox":
+            print(f"kernel_provider: --isolation sandbox is impossible here: {problem}", file=sys.stderr)
+            return 2
+        if problem is not None:
+            print(f"kernel_provider: glyph kernels run unsandboxed: {problem}", file=sys.stderr)
+        settings = dataclasses.replace(settings, isolation="none" if problem else "sandbox")
+        if problem is None:
+            log.info("glyph kernels run in bubblewrap sandboxes, network %s", settings.kernel_network)
     try:
         return asyncio.run(serve(settings))
     except BindError as exc:

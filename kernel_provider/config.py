@@ -36,6 +36,12 @@ GRPC_MESSAGE_LIMIT = 4 * 1024 * 1024
 MAX_OUTPUT_BYTES_CEILING = 1_300_000
 
 
+# auto: sandbox where the platform allows it, else say so once and run kernels unsandboxed.
+ISOLATION_MODES = ("auto", "sandbox", "none")
+# none: a loopback of its own and nothing else; host: the host's network, loopback included.
+KERNEL_NETWORKS = ("none", "host")
+
+
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message is one sentence for a person."""
 
@@ -60,6 +66,8 @@ class Settings:
     watcher_mode: str = "reset"  # "reset": runners reset between runs; "fresh": a kernel per run
     connection_dir: Path | None = None
     log_level: str = "info"
+    isolation: str = "auto"  # ISOLATION_MODES: glyph kernels in a sandbox (kernels/sandbox.py) or not
+    kernel_network: str = "none"  # KERNEL_NETWORKS: what network a sandboxed kernel gets
 
     def resolved_connection_dir(self) -> Path:
         """The folder for this plugin's kernel connection files (default under the Jupyter runtime dir)."""

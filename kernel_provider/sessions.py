@@ -38,6 +38,7 @@ from kernel_provider.kernels import (
     StartedKernel,
     clean_stale_files,
 )
+from kernel_provider.kernels.sandbox import sandboxed_specs
 from kernel_provider.results import ExecutionResult
 from kernel_provider.watchers import WatcherRunners
 
@@ -363,6 +364,7 @@ class SessionManager:
 
     def _apply_lifecycle_settings(self) -> None:
         self.supply.capacity.limit = self.settings.max_kernels
+        self.supply.sandboxed_specs = sandboxed_specs(self.settings)
         self.supply.configure_pool(self.settings.kernel, self.settings.pool_size)
 
     async def execute(self, glyph_id: str, request: RunRequest) -> ExecutionResult:

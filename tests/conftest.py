@@ -108,7 +108,10 @@ def attached_client(connection_file: Path) -> Iterator[BlockingKernelClient]:
 
 
 def kernel_pids_using(connection_dir: Path) -> list[int]:
-    """Processes whose command line names a connection file in ``connection_dir``: our kernels."""
+    """Processes whose command line names a connection file in ``connection_dir``: our kernels.
+
+    The bubblewrap processes around a sandboxed kernel name it too; they are not kernels.
+    """
     pids = []
     marker = str(connection_dir)
     for entry in Path("/proc").iterdir():
@@ -116,9 +119,10 @@ def kernel_pids_using(connection_dir: Path) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            command = (entry / "comm").read_text().strip()
         except OSError:
             continue
-        if marker in cmdline and "-f" in cmdline:
+        if marker in cmdline and "-f" in cmdline and command != "bwrap":
             pids.append(int(entry.name))
     return pids
 
@@ -131,6 +135,10 @@ def launch(
     initialize: bool = True,
     env: dict[str, str] | None = None,
 ) -> Plugin:
+    if "--isolation" not in args:
+        # Most tests hand files to a glyph through tmp_path, which a sandboxed kernel cannot see;
+        # the sandbox has tests of its own (test_sandbox.py, test_inspect.py ask for it).
+        args = ("--isolation", "none", *args)
     command = [str(executable), "--port", str(port), "--connection-dir", str(connection_dir), *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}

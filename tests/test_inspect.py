@@ -54,7 +54,7 @@ def evaluate(client: BlockingKernelClient, expr: str) -> str:
 
 
 def test_a_person_attaches_to_a_glyph_kernel_through_its_connection_file(fresh_provider):
-    plugin = fresh_provider()
+    plugin = fresh_provider("--isolation", "auto")  # sandboxed where possible
     assert plugin.run("seen_by_person = 21", "inspected")["success"]
     path = connection_file_of(plugin, "inspected")
     assert path.parent == plugin.connection_dir
@@ -85,7 +85,7 @@ def kernel_provider(*args: str, env: dict[str, str] | None = None) -> subprocess
 
 
 def test_kernels_command_lists_glyphs_with_the_line_to_attach(fresh_provider):
-    plugin = fresh_provider()
+    plugin = fresh_provider("--isolation", "auto")  # sandboxed where possible
     assert plugin.run("1", "listed-a")["success"]
     assert plugin.run("2", "listed b")["success"]
     expected = {"listed-a": connection_file_of(plugin, "listed-a"), "listed b": connection_file_of(plugin, "listed b")}
@@ -263,7 +263,7 @@ async def run_over_websocket(lab: Lab, kernel_id: str, code: str) -> dict:
 
 
 def test_jupyterlab_shows_runs_and_never_stops_a_glyph_kernel(fresh_provider, lab):
-    plugin = fresh_provider()
+    plugin = fresh_provider("--isolation", "auto")  # sandboxed where possible
     assert plugin.run("from_glyph = 21\nimport time", "lab-glyph")["success"]
     server = lab(plugin.connection_dir)
 
@@ -370,7 +370,7 @@ def test_jupyterlab_in_chromium_lists_the_glyph_kernel(fresh_provider, lab, tmp_
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
-    plugin = fresh_provider()
+    plugin = fresh_provider("--isolation", "auto")  # sandboxed where possible
     assert plugin.run("x = 1", "browser-glyph")["success"]
     server = lab(plugin.connection_dir)
     (kernel,) = server.get("/api/kernels")

@@ -29,6 +29,7 @@ from jupyter_client import AsyncKernelManager
 from kernel_provider import execution
 from kernel_provider.config import ensure_private_dir
 from kernel_provider.kernels.connection import ZMQConnection
+from kernel_provider.kernels.sandbox import SandboxedKernelSpecs
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,8 @@ class KernelSupply:
         self._ipython_dir: Path | None = None
         self.started = 0  # kernels started since the supply was made (pool and glyphs)
         self._boots = asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2))
+        # Kernelspecs naming the sandbox provisioner (kernels/sandbox.py); None: kernels run unsandboxed.
+        self.sandboxed_specs: SandboxedKernelSpecs | None = None
 
     # --- starting and stopping -------------------------------------------------------------
 
@@ -288,9 +291,12 @@ class KernelSupply:
 
     async def _boot(self, kernel_name: str, connection_file: Path) -> StartedKernel:
         ensure_private_dir(connection_file.parent)
-        manager = AsyncKernelManager(
-            kernel_name=kernel_name, connection_file=str(connection_file), **transport_options(connection_file)
-        )
+        # A sandboxed kernel's provisioner puts its ipc sockets in the kernel's own folder.
+        if self.sandboxed_specs is not None:
+            options = {"kernel_spec_manager": self.sandboxed_specs}
+        else:
+            options = transport_options(connection_file)
+        manager = AsyncKernelManager(kernel_name=kernel_name, connection_file=str(connection_file), **options)
         await manager.start_kernel(env=self._kernel_environment())
         self.started += 1
         label_connection_file(connection_file, plugin=self.plugin_name, provider_pid=os.getpid())
