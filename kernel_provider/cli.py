@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from kernel_provider.config import (
     KERNEL_NETWORKS,
     ConfigError,
     Settings,
+    parse_gateway_url,
     parse_idle_timeout,
     parse_max_kernels,
     parse_memory_limit,
@@ -149,6 +151,26 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="network of a sandboxed kernel: none (a private loopback only) or host (the host's, loopback included) "
         "(default %(default)s)",
     )
+    gateway = parser.add_argument_group("kernels on a Jupyter Kernel Gateway or Enterprise Gateway")
+    gateway.add_argument(
+        "--gateway-url",
+        type=_argument_type(parse_gateway_url, "--gateway-url"),
+        default=os.environ.get("JUPYTER_GATEWAY_URL", ""),
+        metavar="URL",
+        help="run every glyph kernel on this gateway (default: $JUPYTER_GATEWAY_URL; none: kernels on this machine)",
+    )
+    gateway.add_argument(
+        "--gateway-token",
+        default=os.environ.get("JUPYTER_GATEWAY_AUTH_TOKEN", ""),
+        metavar="TOKEN",
+        help="the gateway's auth token (default: $JUPYTER_GATEWAY_AUTH_TOKEN)",
+    )
+    gateway.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder (0700) remembering each glyph's gateway kernel, so glyphs keep their state across restarts",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
@@ -173,6 +195,9 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         log_level=args.log_level,
         isolation=args.isolation,
         kernel_network=args.kernel_network,
+        gateway_url=args.gateway_url,
+        gateway_token=args.gateway_token,
+        state_dir=args.state_dir.resolve() if args.state_dir else None,
     )
 
 
@@ -191,7 +216,8 @@ def run_server(settings: Settings) -> int:
 
     setup_logging(settings.log_level)
     try:
-        check_kernelspecs(*settings.served_kernels)
+        if not settings.gateway_url:  # a gateway's kernelspecs are the gateway's to check
+            check_kernelspecs(*settings.served_kernels)
     except ConfigError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 2

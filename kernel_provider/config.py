@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_runtime_dir
+from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,23 @@ class Settings:
     log_level: str = "info"
     isolation: str = "auto"  # ISOLATION_MODES: glyph kernels in a sandbox (kernels/sandbox.py) or not
     kernel_network: str = "none"  # KERNEL_NETWORKS: what network a sandboxed kernel gets
+    # A Jupyter Kernel/Enterprise Gateway to run glyph kernels on ("" = kernels on this machine),
+    # and the folder remembering which gateway kernel is whose, across provider restarts.
+    gateway_url: str = ""
+    gateway_token: str = dataclasses.field(default="", repr=False)
+    state_dir: Path | None = None
 
     def resolved_connection_dir(self) -> Path:
         """The folder for this plugin's kernel connection files (default under the Jupyter runtime dir)."""
         if self.connection_dir is not None:
             return self.connection_dir
         return Path(jupyter_runtime_dir()) / "kernel_provider" / _safe_name(self.name)
+
+    def resolved_state_dir(self) -> Path:
+        """The folder for durable glyph sessions (default: this plugin's folder in the user data dir)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        return Path(jupyter_data_dir()) / "kernel_provider" / _safe_name(self.name)
 
     @property
     def served_kernels(self) -> tuple[str, ...]:
@@ -193,6 +204,21 @@ def parse_watcher_mode(key: str, raw: str) -> str:
     return mode
 
 
+def parse_gateway_url(key: str, raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f"{key} must be an http:// or https:// URL of a Jupyter gateway, got {raw!r}.")
+    return url
+
+
+def parse_text(key: str, raw: str) -> str:
+    return raw.strip()
+
+
+def parse_path(key: str, raw: str) -> Path | None:
+    return Path(raw).expanduser().resolve() if raw.strip() else None
+
+
 def parse_memory_limit(key: str, raw: str) -> int | None:
     if raw.strip().lower() in ("", "none", "0"):
         return None
@@ -287,6 +313,25 @@ CONFIG_FIELDS: dict[str, ConfigField] = {
         parse=parse_output_limit,
         min_value="1024",
         max_value=str(MAX_OUTPUT_BYTES_CEILING),
+    ),
+    "gateway_url": ConfigField(
+        type="string",
+        description="URL of a Jupyter Kernel Gateway or Enterprise Gateway to run glyph kernels on; empty = "
+        "kernels on this machine. Gateway kernels survive a provider restart.",
+        default="",
+        parse=parse_gateway_url,
+    ),
+    "gateway_token": ConfigField(
+        type="string",
+        description="Auth token of the gateway (sent as `Authorization: token ...`).",
+        default="",
+        parse=parse_text,
+    ),
+    "state_dir": ConfigField(
+        type="string",
+        description="Folder (made 0700) remembering which gateway kernel belongs to which glyph.",
+        default="",
+        parse=parse_path,
     ),
 }
 

@@ -97,7 +97,8 @@ class Provider:
 
     async def apply_config(self, config: dict[str, str]) -> None:
         settings = self.base_settings.with_config(config)
-        check_kernelspecs(*settings.served_kernels)
+        if not settings.gateway_url:  # a gateway's kernelspecs are the gateway's to check
+            check_kernelspecs(*settings.served_kernels)
         self.settings = settings
         await self.sessions.reconfigure(settings)
 

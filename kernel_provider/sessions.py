@@ -34,9 +34,11 @@ from kernel_provider.execution import (
 from kernel_provider.kernels import (
     KERNEL_START_TIMEOUT,
     CapacityError,
-    KernelSupply,
-    StartedKernel,
+    GatewayUnavailable,
+    Kernel,
+    Supply,
     clean_stale_files,
+    make_supply,
 )
 from kernel_provider.kernels.sandbox import sandboxed_specs
 from kernel_provider.results import ExecutionResult
@@ -94,7 +96,7 @@ class KernelSession:
         self,
         glyph_id: str,
         kernel_name: str,
-        supply: KernelSupply,
+        supply: Supply,
         attestations: AttestationService | None = None,
         memory_limit_mb: int | None = None,
         actor: str | None = None,
@@ -118,7 +120,7 @@ class KernelSession:
         # A kernel start runs as its own task, shielded from the run that asked for it:
         # a cancelled run must not leave a half-started kernel nobody will stop.
         self._starting: asyncio.Task | None = None
-        self.kernel: StartedKernel | None = None  # None until started, and once stopped
+        self.kernel: Kernel | None = None  # None until started, and once stopped
 
     @property
     def connection_file(self) -> Path | None:
@@ -164,6 +166,9 @@ class KernelSession:
                 await self._start_shielded(request.timeout)
             except CapacityError as exc:
                 return ExecutionResult.failed(f"CapacityError: {exc}"), {}
+            except GatewayUnavailable as exc:
+                log.warning("glyph %r has no kernel: %s", self.glyph_id, exc)
+                return ExecutionResult.failed(f"Unavailable: {exc}; the next run tries again."), {}
             except Exception as exc:
                 log.exception("could not start kernel %s for glyph %r", self.kernel_name, self.glyph_id)
                 failed = ExecutionResult.failed(
@@ -240,7 +245,7 @@ class KernelSession:
             raise RuntimeError("no attestation service")
         return await self.attestations.answer(self.actor, request)
 
-    async def _interrupt_abandoned_run(self, kernel: StartedKernel) -> None:
+    async def _interrupt_abandoned_run(self, kernel: Kernel) -> None:
         """Stop the code of a run whose caller went away and wait until the kernel is idle.
 
         Called with the lock held. A kernel not idle within INTERRUPT_GRACE_SECONDS is
@@ -269,9 +274,11 @@ class KernelSession:
         claim = f"__glyph_id__ = {self.glyph_id!r}" if self.glyph_id else f"__import__('os').nice({RUNNER_NICENESS})"
         send_silently(kernel.connection, claim)
         self.kernel = kernel
-        self.kernel_id = str(uuid.uuid4())
+        self.kernel_id = getattr(kernel, "kernel_id", None) or str(uuid.uuid4())
         self.execution_count = 0
-        log.info("started kernel %s for glyph %r", self.kernel_name, self.glyph_id)
+        log.info(
+            "%s kernel %s for glyph %r", "resumed" if kernel.resumed else "started", self.kernel_name, self.glyph_id
+        )
 
     async def _start_shielded(self, timeout: float = KERNEL_START_TIMEOUT) -> None:
         self._starting = asyncio.ensure_future(self._start(timeout))
@@ -294,7 +301,7 @@ class KernelSession:
             "execution_state": state,
             "last_activity": datetime.fromtimestamp(self.last_activity, tz=UTC).isoformat(),
             "execution_count": self.execution_count,
-            "connection_file": str(self.connection_file) if self.kernel is not None else None,
+            "connection_file": str(self.connection_file) if self.connection_file is not None else None,
         }
 
     async def interrupt(self) -> None:
@@ -319,13 +326,21 @@ class KernelSession:
         async with self.lock:
             await self._stop()
 
-    async def _stop(self) -> None:
+    async def _stop(self, detach: bool = False) -> None:
+        """Stop the kernel; ``detach``: let go of it only (provider shutdown), if the backend keeps kernels."""
         if self._starting is not None and not self._starting.done():
             await asyncio.gather(self._starting, return_exceptions=True)
         kernel = self.kernel
         self.kernel = None
         if kernel is not None:
-            await self.supply.give_back(kernel)
+            await (self.supply.detach(kernel) if detach else self.supply.give_back(kernel))
+
+    async def resume(self) -> bool:
+        """Take over the kernel a previous provider left for this glyph; False when it was gone."""
+        async with self.lock:
+            if self.kernel is None:
+                await self._start_shielded()
+            return self.kernel is not None and self.kernel.resumed
 
 
 class SessionManager:
@@ -338,15 +353,14 @@ class SessionManager:
         self._throwaway: set[KernelSession] = set()
         self._closing = False
         self.connection_dir = settings.resolved_connection_dir()
-        self.supply = KernelSupply(
-            self.connection_dir, settings.name, settings.max_kernels, self._evict_one, self._kernel_setup
-        )
+        self.supply = make_supply(settings, self._evict_one, self._kernel_setup)
         # Why a glyph lost its kernel while nobody was asking (culled, evicted): told at its next run.
         self._reset_reasons: dict[str, str] = {}
         self.watchers = WatcherRunners(
             self._new_runner, settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode
         )
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
+        self._resuming: dict[str, asyncio.Future] = {}  # glyph -> re-attaching its surviving kernel
         self._culler: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -361,6 +375,18 @@ class SessionManager:
             log.info("removed %d stale connection files from %s", removed, self.connection_dir)
         self._apply_lifecycle_settings()
         self._culler = asyncio.ensure_future(self._cull_idle_kernels())
+        for glyph_id, kernel_name in self.supply.remembered().items():
+            self._resuming[glyph_id] = asyncio.ensure_future(self._resume(glyph_id, kernel_name))
+
+    async def _resume(self, glyph_id: str, kernel_name: str) -> None:
+        """Re-attach a glyph to the kernel it had before the provider (re)started."""
+        try:
+            if not await self._session(glyph_id, kernel_name).resume():
+                self._reset_reasons[glyph_id] = "its kernel was gone when the provider started again"
+        except Exception as exc:  # the gateway is down: the glyph's next run tries again
+            log.warning("could not re-attach glyph %r to its kernel: %s", glyph_id, exc)
+        finally:
+            self._resuming.pop(glyph_id, None)
 
     def _apply_lifecycle_settings(self) -> None:
         self.supply.capacity.limit = self.settings.max_kernels
@@ -380,6 +406,8 @@ class SessionManager:
         if not glyph_id:
             result, _ = await self._run_once(request, kernel_name)
             return result
+        if glyph_id in self._resuming:  # its kernel is being re-attached after a provider restart
+            await asyncio.gather(asyncio.shield(self._resuming[glyph_id]), return_exceptions=True)
         reset = self._reset_reasons.pop(glyph_id, None)
         notice = f"{reset}; its state was reset." if reset else None
         if glyph_id in self._retiring:
@@ -535,14 +563,18 @@ class SessionManager:
         self._closing = True
 
     async def shutdown(self) -> None:
-        """Stop every kernel; refuse new runs from now on."""
+        """Let go of every kernel (a gateway keeps glyph kernels for the next start); refuse new runs."""
         self.close()
         sessions = [*self.sessions.values(), *self._throwaway]
         self.sessions.clear()
         if self._culler is not None:
             self._culler.cancel()
+        for resuming in list(self._resuming.values()):
+            resuming.cancel()
         # Stop without waiting for each glyph's lock: a run in progress is cut short.
-        await asyncio.gather(*(s._stop() for s in sessions), self.watchers.close(), return_exceptions=True)
+        await asyncio.gather(
+            *(s._stop(detach=True) for s in sessions), self.watchers.close(), return_exceptions=True
+        )
         await self.supply.close()
         if self.attestations is not None:
             await self.attestations.close()

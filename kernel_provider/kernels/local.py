@@ -65,6 +65,7 @@ class StartedKernel:
     manager: AsyncKernelManager
     connection: ZMQConnection
     kernel_name: str
+    resumed = False  # a local kernel never outlives its provider
 
     @property
     def connection_file(self) -> Path:
@@ -322,6 +323,14 @@ class KernelSupply:
             log.exception("stopping kernel %s failed", kernel.connection_file.name)
         finally:
             self.capacity.release()
+
+    async def detach(self, kernel: StartedKernel) -> None:
+        """On provider shutdown: a local kernel cannot outlive its provider, so it stops."""
+        await self.give_back(kernel)
+
+    def remembered(self) -> dict[str, str]:
+        """No kernel of a previous provider run survives on this machine (see clean_stale_files)."""
+        return {}
 
     # --- the warm pool --------------------------------------------------------------------------
 
