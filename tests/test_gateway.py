@@ -1,0 +1,304 @@
+"""Glyph kernels on a real Jupyter Kernel Gateway: the provider launched as QNTX launches it, with --gateway-url.
+
+The gateway runs on 127.0.0.1 with a random port and a token; every kernel is the gateway's
+child, none the provider's. The provider is stopped (SIGTERM) and killed (SIGKILL) and started
+again with the same state folder: each glyph must find its kernel, and its variables, again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fake_ats import FakeATSStore
+
+from conftest import BIN_DIR, RPC_TIMEOUT, http, launch, terminate
+from kernel_provider.proto import domain_pb2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """A Jupyter Kernel Gateway process and a few REST calls to check on it."""
+
+    def __init__(self, process: subprocess.Popen, url: str, token: str):
+        self.process, self.url, self.token = process, url, token
+
+    def call(self, method: str, path: str):
+        request = urllib.request.Request(
+            self.url + path, method=method, headers={"Authorization": f"token {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def kernel_ids(self) -> set[str]:
+        return {k["id"] for k in self.call("GET", "/api/kernels")}
+
+    def delete_all(self) -> None:
+        for kernel_id in self.kernel_ids():
+            try:
+                self.call("DELETE", f"/api/kernels/{kernel_id}")
+            except urllib.error.HTTPError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def kernel_gateway(tmp_path_factory):
+    executable = BIN_DIR / "jupyter-kernelgateway"
+    if not executable.exists():
+        pytest.skip("Jupyter Kernel Gateway is not installed (pip install 'kernel_provider[test]')")
+    port, token = free_port(), secrets.token_hex(16)
+    runtime = tmp_path_factory.mktemp("kg-runtime")
+    process = subprocess.Popen(
+        [
+            str(executable),
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--KernelGatewayApp.auth_token={token}",
+            "--JupyterWebsocketPersonality.list_kernels=True",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)},
+    )
+    gateway = Gateway(process, f"http://127.0.0.1:{port}", token)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            gateway.call("GET", "/api/kernelspecs")
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                terminate(process)
+                pytest.fail("the Kernel Gateway did not start within 60 seconds")
+            time.sleep(0.2)
+    yield gateway
+    terminate(process)
+
+
+@pytest.fixture
+def gateway(kernel_gateway):
+    yield kernel_gateway
+    kernel_gateway.delete_all()  # what a test left running does not blur the next test's counts
+
+
+@pytest.fixture
+def start_provider(gateway, tmp_path):
+    """Launch providers on the gateway, all sharing one state folder (as restarts of one provider)."""
+    plugins = []
+    state_dir = tmp_path / "state"
+
+    def start(*args: str, **kwargs):
+        plugin = launch(
+            tmp_path / f"conn{len(plugins)}",
+            "--gateway-url",
+            gateway.url,
+            "--gateway-token",
+            gateway.token,
+            "--state-dir",
+            str(state_dir),
+            "--pool-size",
+            "0",
+            *args,
+            **kwargs,
+        )
+        plugins.append(plugin)
+        return plugin
+
+    start.state_dir = state_dir
+    yield start
+    for plugin in plugins:
+        plugin.stop()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_each_glyph_keeps_its_own_state_on_its_own_gateway_kernel(start_provider, gateway):
+    plugin = start_provider()
+    assert plugin.run("x = 1", "a")["success"]
+    assert plugin.run("x = 2", "b")["success"]
+    assert plugin.run("x += 10; x", "a")["result"] == "11"
+    assert plugin.run("x", "b")["result"] == "2"
+    assert plugin.run("__glyph_id__", "b")["result"] == "'b'"
+    pids = {plugin.run("import os; os.getpid()", g)["result"] for g in ("a", "b")}
+    assert len(pids) == 2
+    assert len(gateway.kernel_ids()) == 2
+    # The kernels are the gateway's: none runs as a child of the provider.
+    assert children_of(plugin.process.pid) == []
+    assert not [p for p in pids if int(p) in children_of(plugin.process.pid)]
+
+
+def test_rich_outputs_clear_output_and_display_updates_arrive_as_nbformat(start_provider):
+    plugin = start_provider()
+    code = (
+        "from IPython.display import HTML, display, clear_output\n"
+        "print('gone'); clear_output()\n"
+        "h = display(HTML('<b>old</b>'), display_id=True)\n"
+        "h.update(HTML('<i>new</i>'))\n"
+        "print('kept')\n"
+        "{'a': 1}"
+    )
+    result = plugin.run(code, "rich")
+    assert result["success"], result["error"]
+    kinds = [o["output_type"] for o in result["outputs"]]
+    assert kinds == ["display_data", "stream", "execute_result"]
+    assert result["outputs"][0]["data"]["text/html"] == "<i>new</i>"
+    assert result["stdout"] == "kept\n"
+    assert result["result"] == "{'a': 1}"
+    failed = plugin.run("1/0", "rich")
+    assert not failed["success"] and "ZeroDivisionError" in failed["error"]
+
+
+def test_a_timeout_interrupts_the_gateway_kernel_and_keeps_its_state(start_provider):
+    plugin = start_provider("--execute-timeout", "2")
+    plugin.run("kept = 'yes'", "slow")
+    result = plugin.run("import time\nprint('started', flush=True)\ntime.sleep(60)", "slow")
+    assert not result["success"]
+    assert "timed out after 2 seconds" in result["error"] and "kept its kernel and state" in result["error"]
+    assert "started" in result["stdout"]
+    assert plugin.run("kept", "slow")["result"] == "'yes'"
+
+
+def test_sigkill_of_the_provider_then_restart_reattaches_every_glyph_with_its_state(start_provider, gateway):
+    first = start_provider()
+    first.run("import os\nmine = 'alpha'\npid = os.getpid()", "k1")
+    first.run("mine = 'beta'", "k2")
+    kernels = gateway.kernel_ids()
+    assert len(kernels) == 2
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+    second = start_provider()
+    assert second.run("mine", "k1")["result"] == "'alpha'"
+    assert second.run("mine", "k2")["result"] == "'beta'"
+    assert second.run("pid == os.getpid()", "k1")["result"] == "True"
+    # The same kernels, and no new one: the gateway started nothing for the restart.
+    assert gateway.kernel_ids() == kernels
+    assert second.run("1", "k1")["stderr"] == ""  # no reset notice: nothing was reset
+
+
+def test_sigterm_leaves_gateway_kernels_running_and_delete_stops_one(start_provider, gateway):
+    first = start_provider()
+    first.run("n = 41", "durable")
+    first.run("n = 0", "doomed")
+    kernels = gateway.kernel_ids()
+    assert first.stop() == 0
+    assert gateway.kernel_ids() == kernels  # stopping the provider stopped no kernel
+    second = start_provider()
+    assert second.run("n + 1", "durable")["result"] == "42"
+    status, _, _ = http(second, "DELETE", "/kernels/doomed")
+    assert status == 200
+    assert len(gateway.kernel_ids()) == 1  # DELETE stops the glyph's kernel on the gateway
+    fresh = second.run("'n' in dir()", "doomed")
+    assert fresh["result"] == "False"
+    state = json.loads(next(start_provider.state_dir.glob("gateway-kernels-*.json")).read_text())
+    assert set(state["glyphs"]) == {"durable", "doomed"}
+    assert os.stat(start_provider.state_dir).st_mode & 0o777 == 0o700
+    assert os.stat(next(start_provider.state_dir.glob("gateway-kernels-*.json"))).st_mode & 0o777 == 0o600
+
+
+def test_a_kernel_deleted_on_the_gateway_gives_a_fresh_kernel_and_says_state_was_lost(start_provider, gateway):
+    plugin = start_provider()
+    plugin.run("precious = 1", "victim")
+    plugin.run("other = 2", "bystander")
+    kernels = {k["glyph_id"]: k["kernel_id"] for k in http(plugin, "GET", "/kernels")[2]["kernels"]}
+    victim_id = kernels["victim"]
+    gateway.call("DELETE", f"/api/kernels/{victim_id}")
+    result = plugin.run("'precious' in dir()", "victim")
+    assert not result["success"]
+    assert "KernelDied" in result["error"] and "variables were lost" in result["error"]
+    assert plugin.run("'precious' in dir()", "victim")["result"] == "False"  # a fresh kernel
+    assert plugin.run("other", "bystander")["result"] == "2"  # the other glyph never noticed
+
+
+def test_attest_from_a_gateway_kernel_reaches_the_store_over_the_kernels_own_channels(start_provider):
+    store = FakeATSStore(token="t0k").start()
+    try:
+        plugin = start_provider()
+        request = domain_pb2.InitializeRequest(ats_store_endpoint=store.endpoint, auth_token="t0k")
+        plugin.domain.Initialize(request, timeout=RPC_TIMEOUT)
+        result = plugin.run("import json\nprint(json.dumps(attest(['ada'], ['wrote'], ['notes'])))", "att")
+        assert result["success"], result["error"]
+        created = json.loads(result["stdout"])
+        assert created["subjects"] == ["ada"] and created["id"].startswith("AS-")
+        assert [a.id for a in store.attestations] == [created["id"]]
+        assert "glyph:att" in list(store.attestations[0].actors)
+        newest = plugin.run("last(subjects=['ada'])['id']", "att")
+        assert newest["result"] == repr(created["id"])
+    finally:
+        store.stop()
+
+
+def test_a_gateway_that_is_down_gives_a_clear_error_naming_it_and_the_provider_keeps_serving(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    plugin = launch(tmp_path / "conn", "--gateway-url", url, "--state-dir", str(tmp_path / "state"))
+    try:
+        for _ in range(2):
+            result = plugin.run("1", "g")
+            assert not result["success"]
+            assert result["error"].startswith("Unavailable: ")
+            assert url in result["error"] and "cannot be reached" in result["error"]
+        assert plugin.health().healthy
+    finally:
+        assert plugin.stop() == 0
+
+
+def test_glyphs_run_concurrently_on_the_gateway_each_with_its_own_state(start_provider, gateway):
+    plugin = start_provider()
+    glyphs = [f"c{i}" for i in range(4)]
+
+    def work(glyph: str) -> list[str]:
+        plugin.run(f"mine = {glyph!r}\nimport time\ntime.sleep(0.5)", glyph)
+        return [plugin.run("mine", glyph)["result"] for _ in range(3)]
+
+    with ThreadPoolExecutor(len(glyphs)) as pool:
+        answers = dict(zip(glyphs, pool.map(work, glyphs), strict=True))
+    assert answers == {g: [repr(g)] * 3 for g in glyphs}
+    assert len(gateway.kernel_ids()) == len(glyphs)
+
+
+def test_gateway_url_comes_from_jupyters_environment_variables(gateway, tmp_path):
+    env = {"JUPYTER_GATEWAY_URL": gateway.url, "JUPYTER_GATEWAY_AUTH_TOKEN": gateway.token}
+    plugin = launch(tmp_path / "conn", "--state-dir", str(tmp_path / "state"), "--pool-size", "0", env=env)
+    try:
+        assert plugin.run("7 * 6", "env")["result"] == "42"
+        assert len(gateway.kernel_ids()) == 1
+    finally:
+        plugin.stop()
+
+
+def test_a_bad_gateway_url_is_refused_before_start(tmp_path):
+    process = subprocess.run(
+        [str(BIN_DIR / "qntx-python-plugin"), "--gateway-url", "ftp://nowhere"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 2
+    assert "--gateway-url must be an http:// or https:// URL" in process.stderr
+    assert process.stdout == ""
