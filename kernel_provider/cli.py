@@ -238,6 +238,9 @@ def run_server(settings: Settings) -> int:
     except BindError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # a gateway's state folder we may not use
+        print(f"kernel_provider: {exc}", file=sys.stderr)
+        return 2
 
 
 def plugin_main(argv: list[str] | None = None) -> int:

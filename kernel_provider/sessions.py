@@ -544,7 +544,9 @@ class SessionManager:
 
     async def reconfigure(self, settings: Settings) -> None:
         """Take new settings; kernels of a kernelspec no longer served are stopped."""
-        self.settings = settings
+        previous, self.settings = self.settings, settings
+        if _backend(settings) != _backend(previous):
+            await self._switch_backend()
         # Kernels of a kernelspec no longer served stop now; a glyph whose spec is still
         # served but no longer its choice (the default changed) moves at its next run.
         stale = [g for g, session in self.sessions.items() if session.kernel_name not in settings.served_kernels]
@@ -552,6 +554,18 @@ class SessionManager:
         self.watchers.resize(settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode)
         if self._culler is not None:  # started: the pool and the ceiling follow the new settings
             self._apply_lifecycle_settings()
+
+    async def _switch_backend(self) -> None:
+        """Initialize named another kernel backend: let go of every kernel, and take up the new backend's."""
+        supply = make_supply(self.settings, self._evict_one, self._kernel_setup)  # a bad state folder fails here
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        await asyncio.gather(*(s._stop(detach=True) for s in sessions), return_exceptions=True)
+        await self.supply.close()
+        self.supply = supply
+        if self._culler is not None:  # started: re-attach what the new backend remembers
+            for glyph_id, kernel_name in supply.remembered().items():
+                self._resuming[glyph_id] = asyncio.ensure_future(self._resume(glyph_id, kernel_name))
 
     def counts(self) -> tuple[int, int]:
         """(live glyph kernels, busy kernels); pooled kernels are not counted here."""
@@ -578,3 +592,10 @@ class SessionManager:
         await self.supply.close()
         if self.attestations is not None:
             await self.attestations.close()
+
+
+def _backend(settings: Settings) -> tuple:
+    """What picks the kernel backend (see kernels.make_supply): a change means another backend."""
+    if not settings.gateway_url:
+        return ("local",)
+    return (settings.gateway_url, settings.gateway_token, settings.resolved_state_dir())

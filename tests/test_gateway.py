@@ -292,6 +292,21 @@ def test_gateway_url_comes_from_jupyters_environment_variables(gateway, tmp_path
         plugin.stop()
 
 
+def test_initialize_moves_the_provider_onto_a_gateway(gateway, tmp_path):
+    plugin = launch(tmp_path / "conn", "--pool-size", "0")
+    try:
+        assert plugin.run("where = 'here'", "mover")["success"]
+        local_kernels = children_of(plugin.process.pid)
+        assert local_kernels  # a local kernel is the provider's child
+        plugin.initialize(gateway_url=gateway.url, gateway_token=gateway.token, state_dir=str(tmp_path / "state"))
+        result = plugin.run("'where' in dir()", "mover")
+        assert result["result"] == "False"  # a new kernel, on the gateway
+        assert len(gateway.kernel_ids()) == 1
+        assert not set(children_of(plugin.process.pid)) & set(local_kernels)  # the local one stopped
+    finally:
+        plugin.stop()
+
+
 def test_a_bad_gateway_url_is_refused_before_start(tmp_path):
     process = subprocess.run(
         [str(BIN_DIR / "qntx-python-plugin"), "--gateway-url", "ftp://nowhere"],

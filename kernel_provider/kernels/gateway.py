@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from kernel_provider import execution
-from kernel_provider.config import ensure_private_dir
+from kernel_provider.config import ConfigError, ensure_private_dir
 from kernel_provider.kernels.connection import KernelConnection, Message
 from kernel_provider.kernels.local import KERNEL_START_TIMEOUT, Capacity
 
@@ -254,10 +253,13 @@ class KernelState:
         self.glyphs: dict[str, dict[str, str]] = {}
 
     def load(self) -> None:
-        ensure_private_dir(self.state_dir)
-        info = os.stat(self.state_dir)
-        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-            raise PermissionError(f"the state folder {self.state_dir} must belong to this user and be private (0700)")
+        # Whoever can write this folder chooses which kernels our glyphs run on: it must be ours alone.
+        try:
+            if self.state_dir.exists() and self.state_dir.stat().st_uid != os.getuid():
+                raise ConfigError(f"the state folder {self.state_dir} belongs to another user.")
+            ensure_private_dir(self.state_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot use the state folder {self.state_dir}: {exc.strerror or exc}.") from None
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
