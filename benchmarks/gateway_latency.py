@@ -154,7 +154,8 @@ def main() -> int:
     nagle = "TCP_NODELAY on" if args.gateway_nodelay else "Nagle on (as released)"
     print(f"Execute {CODE!r}, {per_block * BLOCKS} calls per side; gateway websockets: {nagle}")
     for name, values in times.items():
-        print(f"  {name:8s} p50 {percentile(values, 0.5) * 1000:7.2f} ms   p99 {percentile(values, 0.99) * 1000:7.2f} ms")
+        p50, p99 = percentile(values, 0.5) * 1000, percentile(values, 0.99) * 1000
+        print(f"  {name:8s} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         ratio = percentile(times["gateway"], q) / percentile(times["local"], q)
         print(f"  gateway/local {label}: {ratio:.2f}x")
