@@ -260,12 +260,62 @@ def lab_command(args: argparse.Namespace) -> int:
         print(f"kernel-provider: {INSTALL_HINT}", file=sys.stderr)
         return 2
 
+    if args.gateway_url:
+        return lab_on_gateway(LabApp, args)
     connection_dir = ensure_private_dir((args.connection_dir or default_connection_dir(args.name)).resolve())
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(32)
     argv = lab_argv(connection_dir, args.port, token, open_browser=not args.no_browser)
     server = LabApp.initialize_server(argv=argv, kernel_manager_class=glyph_kernel_manager_class())
     refuse_glyph_restarts(server)
     print(f"kernel-provider: glyph kernels of {connection_dir}", file=sys.stderr)
+    print(f"JupyterLab: http://127.0.0.1:{server.port}/lab?token={token}", flush=True)
+    server.start()
+    return 0
+
+
+def gateway_kernel_manager_class() -> type:
+    """jupyter_server's gateway kernel manager, showing every kernel on the gateway (the glyphs' too).
+
+    Its own lists only the kernels this server started; a kernel it does not know yet is taken
+    up by id, which attaches to the running kernel rather than starting one.
+    """
+    from jupyter_server.gateway.managers import GatewayMappingKernelManager, gateway_request
+    from tornado.escape import json_decode
+
+    class GlyphGatewayKernelManager(GatewayMappingKernelManager):
+        async def list_kernels(self, **kwargs):
+            response = await gateway_request(self.kernels_url, method="GET")
+            for model in json_decode(response.body):
+                if model["id"] not in self._kernels:
+                    await self.start_kernel(kernel_id=model["id"])
+            return await super().list_kernels(**kwargs)
+
+        async def shutdown_all(self, now: bool = False) -> None:
+            """Stopping JupyterLab leaves every gateway kernel running: they are the glyphs'."""
+
+    return GlyphGatewayKernelManager
+
+
+def lab_on_gateway(lab_app, args: argparse.Namespace) -> int:
+    """JupyterLab on the provider's gateway: jupyter_server's own gateway client lists its kernels.
+
+    The glyph kernels are the gateway's, so JupyterLab sees them as running kernels with no
+    connection files; unlike the local case, its shutdown button stops one on the gateway.
+    """
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(32)
+    argv = [
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={args.port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.open_browser={not args.no_browser}",
+        f"--GatewayClient.url={args.gateway_url}",
+        *([f"--GatewayClient.auth_token={args.gateway_token}"] if args.gateway_token else []),
+        "--ServerApp.shutdown_no_activity_timeout=0",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        argv.append("--ServerApp.allow_root=True")
+    server = lab_app.initialize_server(argv=argv, kernel_manager_class=gateway_kernel_manager_class())
+    print(f"kernel-provider: glyph kernels on the gateway {args.gateway_url}", file=sys.stderr)
     print(f"JupyterLab: http://127.0.0.1:{server.port}/lab?token={token}", flush=True)
     server.start()
     return 0
@@ -288,6 +338,14 @@ def add_inspect_parsers(commands) -> None:
     lab_parser.add_argument("--port", type=int, default=DEFAULT_LAB_PORT, help="port (taken: the next ones are tried)")
     lab_parser.add_argument("--name", default="python", help=name_help)
     lab_parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    lab_parser.add_argument(
+        "--gateway-url",
+        default=os.environ.get("JUPYTER_GATEWAY_URL", ""),
+        help="the provider's Jupyter gateway: show the kernels there (default: $JUPYTER_GATEWAY_URL)",
+    )
+    lab_parser.add_argument(
+        "--gateway-token", default=os.environ.get("JUPYTER_GATEWAY_AUTH_TOKEN", ""), help="the gateway's auth token"
+    )
     lab_parser.set_defaults(handler=lab_command)
 
 

@@ -13,6 +13,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -317,3 +318,36 @@ def test_a_bad_gateway_url_is_refused_before_start(tmp_path):
     assert process.returncode == 2
     assert "--gateway-url must be an http:// or https:// URL" in process.stderr
     assert process.stdout == ""
+
+
+def test_lab_on_the_gateway_lists_the_glyph_kernels_there(start_provider, gateway, tmp_path):
+    plugin = start_provider()
+    plugin.run("seen = 'from lab'", "shown")
+    glyph_kernel = {k["glyph_id"]: k["kernel_id"] for k in http(plugin, "GET", "/kernels")[2]["kernels"]}["shown"]
+    port, home = free_port(), tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / "c"), "JUPYTER_RUNTIME_DIR": str(home)}
+    env.pop("JUPYTER_TOKEN", None)
+    command = [sys.executable, "-m", "kernel_provider", "lab", "--port", str(port), "--no-browser"]
+    command += ["--gateway-url", gateway.url, "--gateway-token", gateway.token]
+    lab = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=home)
+    try:
+        line = lab.stdout.readline()
+        assert line.startswith("JupyterLab: http://127.0.0.1:"), line
+        token = line.rsplit("token=", 1)[1].strip()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/kernels", headers={"Authorization": f"token {token}"}
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    listed = {k["id"] for k in json.loads(response.read())}
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "JupyterLab did not answer"
+                time.sleep(0.3)
+        assert glyph_kernel in listed
+    finally:
+        terminate(lab)
+    assert plugin.run("seen", "shown")["result"] == "'from lab'"  # stopping JupyterLab left the kernel alone
