@@ -381,8 +381,9 @@ class GatewaySupply:
         # As jupyter_server's gateway client does: the provider's KERNEL_* variables (KERNEL_CPUS,
         # KERNEL_MEMORY, KERNEL_NAMESPACE, ...) go with each start; Enterprise Gateway reads them.
         env = {key: value for key, value in os.environ.items() if key.startswith("KERNEL_")}
-        # Enterprise Gateway refuses to start kernels for root unless a user is named.
-        env.setdefault("KERNEL_USERNAME", getpass.getuser())
+        # The user the kernel runs for; Enterprise Gateway refuses "root" (its unauthorized_users).
+        user = getpass.getuser()
+        env.setdefault("KERNEL_USERNAME", user if user != "root" else "kernel-provider")
         if glyph_id:
             env["KERNEL_GLYPH_ID"] = glyph_id
         return env
