@@ -266,7 +266,10 @@ async def run_code(
         "stop_on_error": False,
     }
     metadata = {REQUEST_METADATA_KEY: request_metadata or {}}
-    inbox = connection.request("shell", "execute_request", content, metadata)
+    try:
+        inbox = connection.request("shell", "execute_request", content, metadata)
+    except ConnectionClosed:  # the far end (a gateway) dropped the kernel's channels between runs
+        raise KernelDied([]) from None
     collector = OutputCollector(limit=output_limit, on_output=on_output)
     execution_count: int | None = None
     timed_out = False

@@ -203,7 +203,7 @@ class KernelSession:
             raise
         except KernelDied as died:
             log.warning("kernel of glyph %r died mid-run; starting a fresh one", self.glyph_id)
-            await self._replace_kernel()
+            await self._renew_after_failure()
             result = ExecutionResult.from_outputs(
                 died.outputs,
                 execution_count=None,
@@ -214,7 +214,7 @@ class KernelSession:
             return result, {}
         except InterruptFailed as stuck:
             log.warning("kernel of glyph %r ignored an interrupt; restarting it", self.glyph_id)
-            await self._replace_kernel()
+            await self._renew_after_failure()
             result = ExecutionResult.from_outputs(
                 stuck.outputs,
                 execution_count=None,
@@ -287,6 +287,13 @@ class KernelSession:
     async def _replace_kernel(self) -> None:
         await self._stop()
         await self._start_shielded()
+
+    async def _renew_after_failure(self) -> None:
+        """A fresh kernel for the glyph; when none can start now (a gateway down), its next run tries again."""
+        try:
+            await self._replace_kernel()
+        except Exception as exc:
+            log.warning("could not start a fresh kernel for glyph %r: %s", self.glyph_id, exc)
 
     def info(self) -> dict[str, Any]:
         """What a person (or GET /kernels) wants to know about this glyph's kernel."""

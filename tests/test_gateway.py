@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 from fake_ats import FakeATSStore
+from test_stream import read_stdout_until, wait_for_file_code
 
-from conftest import BIN_DIR, RPC_TIMEOUT, http, launch, terminate
-from kernel_provider.proto import domain_pb2
+from conftest import BIN_DIR, RPC_TIMEOUT, http, install_copy_of_python3, launch, terminate
+from kernel_provider.proto import domain_pb2, python_pb2
 
 
 def free_port() -> int:
@@ -58,13 +59,12 @@ class Gateway:
                 pass
 
 
-@pytest.fixture(scope="module")
-def kernel_gateway(tmp_path_factory):
+def start_kernel_gateway(folder: Path, env: dict[str, str] | None = None) -> Gateway:
+    """A Kernel Gateway on 127.0.0.1 with a random port and a token, answering once this returns."""
     executable = BIN_DIR / "jupyter-kernelgateway"
     if not executable.exists():
         pytest.skip("Jupyter Kernel Gateway is not installed (pip install 'kernel_provider[test]')")
     port, token = free_port(), secrets.token_hex(16)
-    runtime = tmp_path_factory.mktemp("kg-runtime")
     process = subprocess.Popen(
         [
             str(executable),
@@ -72,24 +72,33 @@ def kernel_gateway(tmp_path_factory):
             f"--port={port}",
             f"--KernelGatewayApp.auth_token={token}",
             "--JupyterWebsocketPersonality.list_kernels=True",
+            # Output is the provider's to bound (--max-output-bytes), not the gateway's to drop.
+            "--ZMQChannelsWebsocketConnection.limit_rate=False",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)},
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(folder), **(env or {})},
     )
     gateway = Gateway(process, f"http://127.0.0.1:{port}", token)
     deadline = time.monotonic() + 60
     while True:
         try:
             gateway.call("GET", "/api/kernelspecs")
-            break
+            return gateway
         except (urllib.error.URLError, ConnectionError):
             if process.poll() is not None or time.monotonic() > deadline:
                 terminate(process)
                 pytest.fail("the Kernel Gateway did not start within 60 seconds")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def kernel_gateway(tmp_path_factory):
+    # A second kernelspec on the gateway, for `#| kernel:` directives.
+    env = install_copy_of_python3(tmp_path_factory.mktemp("kg-jupyter"), "python3-copy")
+    gateway = start_kernel_gateway(tmp_path_factory.mktemp("kg-runtime"), env)
     yield gateway
-    terminate(process)
+    terminate(gateway.process)
 
 
 @pytest.fixture
@@ -351,3 +360,73 @@ def test_lab_on_the_gateway_lists_the_glyph_kernels_there(start_provider, gatewa
     finally:
         terminate(lab)
     assert plugin.run("seen", "shown")["result"] == "'from lab'"  # stopping JupyterLab left the kernel alone
+
+
+def test_a_gateway_that_goes_down_mid_session_fails_runs_clearly_and_the_provider_keeps_serving(tmp_path):
+    own = start_kernel_gateway(tmp_path / "kg")
+    try:
+        plugin = launch(
+            tmp_path / "conn",
+            *("--gateway-url", own.url, "--gateway-token", own.token, "--state-dir", str(tmp_path / "state")),
+        )
+        try:
+            assert plugin.run("x = 1", "g")["success"]
+            terminate(own.process)  # the gateway stops its kernels as it goes
+            lost = plugin.run("x", "g")
+            assert not lost["success"] and "KernelDied" in lost["error"]
+            again = plugin.run("x", "g")
+            assert again["error"].startswith("Unavailable: ") and own.url in again["error"]
+            assert plugin.health().healthy
+        finally:
+            assert plugin.stop() == 0
+    finally:
+        terminate(own.process)
+
+
+def test_idle_gateway_kernels_are_culled_on_the_gateway(start_provider, gateway):
+    plugin = start_provider("--idle-timeout", "1")
+    plugin.run("kept = 1", "sleepy")
+    assert len(gateway.kernel_ids()) == 1
+    deadline = time.monotonic() + 30
+    while gateway.kernel_ids():
+        assert time.monotonic() < deadline, "the idle gateway kernel was not stopped"
+        time.sleep(0.2)
+    result = plugin.run("'kept' in dir()", "sleepy")
+    assert result["result"] == "False"
+    assert "without a run" in result["stderr"] and "state was reset" in result["stderr"]
+
+
+def test_the_kernel_ceiling_evicts_the_least_recently_used_gateway_kernel(start_provider, gateway):
+    plugin = start_provider("--max-kernels", "2")
+    for glyph in ("a", "b"):
+        plugin.run(f"mine = {glyph!r}", glyph)
+    plugin.run("mine", "a")
+    plugin.run("mine = 'c'", "c")
+    assert len(gateway.kernel_ids()) == 2
+    assert plugin.run("mine", "a")["result"] == "'a'"
+    evicted = plugin.run("'mine' in dir()", "b")
+    assert evicted["result"] == "False" and "to make room" in evicted["stderr"]
+
+
+def test_kernel_directives_pick_the_gateways_kernelspec(start_provider, gateway):
+    plugin = start_provider("--kernel", "python3", "--kernel", "python3-copy")
+    plugin.run("x = 1", "plain")
+    plugin.run("#| kernel: python3-copy\nx = 2", "copied")
+    names = sorted(k["name"] for k in gateway.call("GET", "/api/kernels"))
+    assert names == ["python3", "python3-copy"]
+    unknown = plugin.run("#| kernel: nowhere\n1", "x")
+    assert "does not serve the kernelspec 'nowhere'" in unknown["error"]
+
+
+def test_live_output_arrives_while_a_gateway_kernel_runs_and_output_stays_bounded(start_provider, tmp_path):
+    plugin = start_provider("--max-output-bytes", "100000")
+    go = tmp_path / "go"  # the kernel runs on this machine (a local gateway), so it sees the file
+    request = python_pb2.PythonExecuteRequest(code=wait_for_file_code(go), glyph_id="live")
+    events = plugin.python.ExecuteStream(request, timeout=RPC_TIMEOUT)
+    first = read_stdout_until(events, "a\n")
+    assert "".join(o["text"] for o in first) == "a\n"
+    go.touch()  # only now may the code go on: 'a' came while it ran
+    done = list(events)[-1].done
+    assert done.success and done.output == "a\nb\n"
+    result = plugin.run("print('x' * 3_000_000)", "live")
+    assert "output truncated" in result["stdout"] and len(result["stdout"]) < 200_000

@@ -34,7 +34,7 @@ from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, w
 
 from kernel_provider import execution
 from kernel_provider.config import ConfigError, ensure_private_dir
-from kernel_provider.kernels.connection import KernelConnection, Message
+from kernel_provider.kernels.connection import ConnectionClosed, KernelConnection, Message
 from kernel_provider.kernels.local import KERNEL_START_TIMEOUT, Capacity
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,10 @@ class GatewayConnection(KernelConnection):
         return cls(websocket, session_id)
 
     def _send(self, channel: str, msg: Message) -> None:
-        if self._websocket.protocol is None:
-            raise WebSocketClosedError()
-        self._websocket.write_message(json.dumps({**msg, "channel": channel}, ensure_ascii=False, allow_nan=False))
+        try:
+            self._websocket.write_message(json.dumps({**msg, "channel": channel}, ensure_ascii=False, allow_nan=False))
+        except WebSocketClosedError:
+            raise ConnectionClosed("the gateway closed the kernel's websocket") from None
 
     async def _read(self) -> None:
         try:
