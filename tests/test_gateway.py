@@ -430,3 +430,27 @@ def test_live_output_arrives_while_a_gateway_kernel_runs_and_output_stays_bounde
     assert done.success and done.output == "a\nb\n"
     result = plugin.run("print('x' * 3_000_000)", "live")
     assert "output truncated" in result["stdout"] and len(result["stdout"]) < 200_000
+
+
+def test_a_garbled_state_file_is_ignored_and_a_state_folder_of_another_user_refused(start_provider, tmp_path):
+    # A state file nobody can read is not a reason to stop serving: glyphs start afresh.
+    first = start_provider()
+    first.run("x = 1", "g")
+    assert first.stop() == 0
+    next(start_provider.state_dir.glob("gateway-kernels-*.json")).write_text("{not json")
+    second = start_provider()
+    assert second.run("'x' in dir()", "g")["result"] == "False"
+    assert second.run("x = 2; x", "g")["result"] == "2"
+    if os.getuid() != 0:
+        pytest.skip("only root can give a folder to another user")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    process = subprocess.run(
+        [str(BIN_DIR / "qntx-python-plugin"), "--gateway-url", "http://127.0.0.1:1", "--state-dir", str(foreign)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 2 and process.stdout == ""
+    assert f"the state folder {foreign} belongs to another user" in process.stderr
