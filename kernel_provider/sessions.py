@@ -224,6 +224,7 @@ class KernelSession:
             )
             return result, {}
 
+        missed = kernel.missed_output()
         failure = None
         if outcome.timed_out:
             failure = (
@@ -236,6 +237,8 @@ class KernelSession:
             duration_ms=elapsed_ms(),
             failure=failure,
         )
+        if missed:
+            result.add_notice(f"while the provider was away, the glyph's code printed:\n{missed.rstrip()}")
         if outcome.execution_count is not None:
             self.execution_count = outcome.execution_count
         return result, outcome.user_expressions

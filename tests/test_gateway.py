@@ -454,3 +454,21 @@ def test_a_garbled_state_file_is_ignored_and_a_state_folder_of_another_user_refu
     )
     assert process.returncode == 2 and process.stdout == ""
     assert f"the state folder {foreign} belongs to another user" in process.stderr
+
+
+def test_output_printed_while_the_provider_was_away_is_told_at_the_next_run(start_provider, tmp_path):
+    first = start_provider()
+    go = tmp_path / "go"
+    request = python_pb2.PythonExecuteRequest(code=wait_for_file_code(go), glyph_id="away")
+    events = first.python.ExecuteStream(request, timeout=RPC_TIMEOUT)
+    read_stdout_until(events, "a\n")  # the code runs, and waits for the file
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+    # Give the gateway a moment to see the websocket close and start buffering (ordering, not speed).
+    time.sleep(1.0)
+    go.touch()  # the code prints 'b' while no provider is attached
+    second = start_provider()
+    result = second.run("'still here'", "away")
+    assert result["result"] == "'still here'"
+    assert "while the provider was away, the glyph's code printed:\nb" in result["stderr"]
+    assert "printed" not in second.run("1", "away")["stderr"]  # told once

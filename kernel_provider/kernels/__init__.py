@@ -20,7 +20,8 @@ this package knows how or where a kernel runs. Backends, one module each (jupyte
 - ``configure_pool``, ``capacity``, ``pooled``, ``started``, ``close()``.
 
 A kernel offers ``connection`` (a KernelConnection), ``interrupt()``, ``is_alive()``,
-``kernel_name``, ``resumed`` and ``connection_file`` (None when there is none to attach to).
+``kernel_name``, ``resumed``, ``connection_file`` (None when there is none to attach to) and
+``missed_output()`` (what the glyph's code printed while no provider was attached, told once).
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ REST_TIMEOUT = 30.0
 # this only stops one huge message from taking the provider's memory.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 STATE_FILE_PREFIX = "gateway-kernels-"
+# Output of the previous provider's runs that the gateway replays on re-attach: at most this
+# much text is kept, to be told at the glyph's next run.
+MISSED_OUTPUT_CHARS = 64 * 1024
+MISSED_OUTPUT_TYPES = {"stream", "display_data", "execute_result", "error"}
 
 
 class GatewayUnavailable(Exception):
@@ -121,21 +125,35 @@ def _error_detail(exc: HTTPClientError) -> str:
 class GatewayConnection(KernelConnection):
     """The kernel's channels over the gateway's websocket: one JSON text message per Jupyter message.
 
-    ``session_id`` names the websocket session: reconnecting with the same one lets the
-    gateway replay what it buffered while nobody was connected.
+    The websocket's session (``websocket_session``, kept for the kernel's life) lets the gateway
+    buffer what the kernel says while nobody is connected, and replay it on reconnect. Our
+    requests carry a session of this connection's own, so the replayed output of a previous
+    provider's runs (parent session ``previous_session``) is told apart and kept as ``missed``.
     """
 
-    def __init__(self, websocket: WebSocketClientConnection, session_id: str):
+    def __init__(
+        self, websocket: WebSocketClientConnection, websocket_session: str, previous_session: str | None = None
+    ):
         super().__init__()
-        self.session_id = session_id
+        self.websocket_session = websocket_session
+        self._previous_session = previous_session
+        self.missed: list[str] = []
+        self._missed_chars = 0
         self._websocket = websocket
         self._socket = _tcp_socket(websocket)
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def open(cls, client: GatewayClient, kernel_id: str, session_id: str, timeout: float) -> GatewayConnection:
+    async def open(
+        cls,
+        client: GatewayClient,
+        kernel_id: str,
+        websocket_session: str,
+        timeout: float,
+        previous_session: str | None = None,
+    ) -> GatewayConnection:
         request = HTTPRequest(
-            client.channels_url(kernel_id, session_id),
+            client.channels_url(kernel_id, websocket_session),
             headers=client.headers,
             connect_timeout=timeout,
             request_timeout=timeout,
@@ -148,7 +166,7 @@ class GatewayConnection(KernelConnection):
             ) from None
         except (TimeoutError, OSError) as exc:
             raise GatewayUnavailable(f"the Jupyter gateway at {client.url} cannot be reached ({exc})") from None
-        return cls(websocket, session_id)
+        return cls(websocket, websocket_session, previous_session)
 
     def _send(self, channel: str, msg: Message) -> None:
         try:
@@ -175,6 +193,8 @@ class GatewayConnection(KernelConnection):
                     continue
                 if not self.wants(parent.get("msg_id")):
                     self.dropped += 1
+                    if channel == "iopub" and parent.get("session") == self._previous_session:
+                        self._keep_missed(msg)
                     continue
                 msg.setdefault("msg_type", msg.get("header", {}).get("msg_type"))
                 await self._deliver(channel, msg)
@@ -184,6 +204,26 @@ class GatewayConnection(KernelConnection):
             # Whoever waits on this kernel learns that the connection is gone.
             if not self.closed:
                 await super().close()
+
+    def _keep_missed(self, msg: Message) -> None:
+        msg_type = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
+        if msg_type not in MISSED_OUTPUT_TYPES or self._missed_chars >= MISSED_OUTPUT_CHARS:
+            return
+        content = msg.get("content") or {}
+        if msg_type == "stream":
+            text = str(content.get("text", ""))
+        elif msg_type == "error":
+            text = f"{content.get('ename')}: {content.get('evalue')}\n"
+        else:
+            text = str((content.get("data") or {}).get("text/plain", f"<{msg_type}>")) + "\n"
+        text = text[: MISSED_OUTPUT_CHARS - self._missed_chars]
+        self._missed_chars += len(text)
+        self.missed.append(text)
+
+    def take_missed(self) -> str:
+        """The replayed output of the previous provider's runs, once."""
+        text, self.missed, self._missed_chars = "".join(self.missed), [], 0
+        return text
 
     def _quick_ack(self) -> None:
         # Gateways leave Nagle's algorithm on: their next small message waits for our ACK,
@@ -227,6 +267,10 @@ class GatewayKernel:
     @property
     def connection_file(self) -> None:
         return None  # no connection file: the gateway holds the kernel's ports
+
+    def missed_output(self) -> str:
+        """What the glyph's code printed while no provider was attached (replayed by the gateway)."""
+        return self.connection.take_missed()
 
     async def interrupt(self) -> None:
         await self.client.interrupt(self.kernel_id)
@@ -276,8 +320,14 @@ class KernelState:
                 if isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("kernel_id", "kernel_name"))
             }
 
-    def remember(self, glyph_id: str, kernel_id: str, kernel_name: str, session_id: str) -> None:
-        self.glyphs[glyph_id] = {"kernel_id": kernel_id, "kernel_name": kernel_name, "session_id": session_id}
+    def remember(self, glyph_id: str, kernel_id: str, kernel_name: str, connection: GatewayConnection) -> None:
+        """The glyph's kernel, its websocket session, and the session its requests carry now."""
+        self.glyphs[glyph_id] = {
+            "kernel_id": kernel_id,
+            "kernel_name": kernel_name,
+            "websocket_session": connection.websocket_session,
+            "request_session": connection.session_id,
+        }
         self._save()
 
     def forget(self, glyph_id: str, kernel_id: str) -> None:
@@ -343,14 +393,17 @@ class GatewaySupply:
                 with contextlib.suppress(GatewayUnavailable):
                     await self.client.delete(kernel_id)
             return None
-        session_id = entry.get("session_id") or uuid.uuid4().hex
-        connection = await GatewayConnection.open(self.client, kernel_id, session_id, timeout)
+        websocket_session = entry.get("websocket_session") or uuid.uuid4().hex
+        connection = await GatewayConnection.open(
+            self.client, kernel_id, websocket_session, timeout, previous_session=entry.get("request_session")
+        )
         kernel = GatewayKernel(self.client, kernel_id, kernel_name, connection, glyph_id, resumed=True)
         try:
             await execution.wait_for_ready(connection, kernel.is_alive, min(timeout, KERNEL_START_TIMEOUT))
         except BaseException:
             await connection.close()
             raise
+        self.state.remember(glyph_id, kernel_id, kernel_name, connection)
         log.info("re-attached glyph %r to its gateway kernel %s", glyph_id, kernel_id)
         return kernel
 
@@ -358,9 +411,8 @@ class GatewaySupply:
         timeout = max(timeout, KERNEL_START_TIMEOUT)
         kernel_id = await self.client.start_kernel(kernel_name, self._kernel_environment(glyph_id), timeout)
         self.started += 1
-        session_id = uuid.uuid4().hex
         try:
-            connection = await GatewayConnection.open(self.client, kernel_id, session_id, timeout)
+            connection = await GatewayConnection.open(self.client, kernel_id, uuid.uuid4().hex, timeout)
         except BaseException:
             await self._delete_quietly(kernel_id)
             raise
@@ -374,7 +426,7 @@ class GatewaySupply:
             await self._delete_quietly(kernel_id)
             raise
         if glyph_id:
-            self.state.remember(glyph_id, kernel_id, kernel_name, session_id)
+            self.state.remember(glyph_id, kernel_id, kernel_name, connection)
         log.info("started gateway kernel %s (%s) for glyph %r", kernel_id, kernel_name, glyph_id)
         return kernel
 

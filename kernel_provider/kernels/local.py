@@ -77,6 +77,10 @@ class StartedKernel:
     async def is_alive(self) -> bool:
         return await self.manager.is_alive()
 
+    def missed_output(self) -> str:
+        """Nothing: a local kernel never runs without its provider."""
+        return ""
+
 
 def connection_file_name(glyph_id: str) -> str:
     """A file name for a glyph's connection file that can never leave its folder.
