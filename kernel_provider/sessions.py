@@ -379,7 +379,7 @@ class SessionManager:
         removed = sum(
             clean_stale_files(folder)
             for folder in (self.connection_dir, self.supply.pool_dir, self.supply.runner_dir)
-            if folder.is_dir()
+            if folder is not None and folder.is_dir()
         )
         if removed:
             log.info("removed %d stale connection files from %s", removed, self.connection_dir)
@@ -596,9 +596,7 @@ class SessionManager:
         for resuming in list(self._resuming.values()):
             resuming.cancel()
         # Stop without waiting for each glyph's lock: a run in progress is cut short.
-        await asyncio.gather(
-            *(s._stop(detach=True) for s in sessions), self.watchers.close(), return_exceptions=True
-        )
+        await asyncio.gather(*(s._stop(detach=True) for s in sessions), self.watchers.close(), return_exceptions=True)
         await self.supply.close()
         if self.attestations is not None:
             await self.attestations.close()

@@ -367,6 +367,10 @@ class GatewaySupply:
         self.started = 0
         self.pooled = 0
 
+    # No local folders of pooled or runner kernels' connection files to clean: the gateway has them.
+    pool_dir: Path | None = None
+    runner_dir: Path | None = None
+
     def remembered(self) -> dict[str, str]:
         """glyph_id -> kernelspec of the kernels a previous run of the provider left on the gateway."""
         return {glyph: entry["kernel_name"] for glyph, entry in self.state.glyphs.items()}
