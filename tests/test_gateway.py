@@ -472,3 +472,13 @@ def test_output_printed_while_the_provider_was_away_is_told_at_the_next_run(star
     assert result["result"] == "'still here'"
     assert "while the provider was away, the glyph's code printed:\nb" in result["stderr"]
     assert "printed" not in second.run("1", "away")["stderr"]  # told once
+
+
+def test_runs_without_a_glyph_use_gateway_kernels_that_stop_with_the_provider(start_provider, gateway):
+    plugin = start_provider("--watcher-kernels", "1")
+    assert plugin.run("21 * 2")["result"] == "42"
+    assert plugin.run("'x' in dir()")["result"] == "False"
+    assert len(gateway.kernel_ids()) == 1  # the runner, on the gateway
+    assert children_of(plugin.process.pid) == []
+    assert plugin.stop() == 0
+    assert gateway.kernel_ids() == set()  # no glyph to re-attach it to: stopped, not left behind
