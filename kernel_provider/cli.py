@@ -221,6 +221,8 @@ def run_server(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 2
+    if settings.gateway_url:  # the gateway runs the kernels, so isolating them is the gateway's (pods, images)
+        settings = dataclasses.replace(settings, isolation="none")
     if settings.isolation != "none":
         from kernel_provider.kernels.sandbox import sandbox_problem
 

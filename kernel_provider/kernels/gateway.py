@@ -370,6 +370,8 @@ class GatewaySupply:
     # No local folders of pooled or runner kernels' connection files to clean: the gateway has them.
     pool_dir: Path | None = None
     runner_dir: Path | None = None
+    # Set by sessions for local sandboxes; a gateway's kernels are isolated by the gateway (pods, images).
+    sandboxed_specs = None
 
     def remembered(self) -> dict[str, str]:
         """glyph_id -> kernelspec of the kernels a previous run of the provider left on the gateway."""
