@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watcher-mode", default="reset", choices=["reset", "fresh"])
     parser.add_argument("--kernel", default="python3")
     args = parser.parse_args(argv)
-    extra = ["--watcher-mode", args.watcher_mode]
+    # The default mode needs no flag, so the same script also measures providers that predate it.
+    extra = [] if args.watcher_mode == "reset" else ["--watcher-mode", args.watcher_mode]
     try:
         with running_provider(args.kernel, extra_flags=extra) as (stub, _, _):
             glyph_runs(stub, "steady", 20)
