@@ -35,6 +35,7 @@ def test_initialize_lists_every_route_and_the_job_handler(provider):
         ("POST", "/kernels/{glyph_id}/restart"),
         ("DELETE", "/kernels/{glyph_id}"),
         ("GET", "/kernelspecs"),
+        ("GET", "/glyph/{asset}"),
         ("GET", "/version"),
     }
     assert all(r.description for r in response.http_routes)
