@@ -22,6 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from kernel_provider import glyph
 from kernel_provider.kernels import kernel_interpreter
+from kernel_provider.notebook import notebook_of
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import BadRequest, decode_upstream, load_json, validate_code, validate_glyph_id
 from kernel_provider.sessions import ProviderClosing
@@ -204,6 +205,14 @@ async def delete_kernel(provider: Provider, params: Params, body: Body) -> Reply
     return 200, {"deleted": session.glyph_id}
 
 
+async def glyph_notebook(provider: Provider, params: Params, body: Body) -> Reply:
+    glyph_id = unquote(params["glyph_id"])
+    runs = provider.sessions.history.runs(glyph_id)
+    if not runs:
+        raise HTTPError(404, f"glyph {glyph_id!r} has no runs on record (none yet, or the provider restarted).")
+    return 200, notebook_of(runs)
+
+
 async def glyph_asset(provider: Provider, params: Params, body: Body) -> Response:
     found = glyph.asset(unquote(params["asset"]))
     if found is None:
@@ -307,6 +316,12 @@ ROUTES = [
         "/kernels/{glyph_id}/restart",
         "Give a glyph a fresh kernel (its state is lost).",
         restart_kernel,
+    ),
+    Route(
+        "GET",
+        "/kernels/{glyph_id}/notebook",
+        "A glyph's runs so far as a Jupyter notebook (.ipynb, nbformat 4).",
+        glyph_notebook,
     ),
     Route("DELETE", "/kernels/{glyph_id}", "Stop a glyph's kernel and forget the glyph.", delete_kernel),
     Route("GET", "/kernelspecs", "The installed kernelspecs and the one in use.", list_kernelspecs),

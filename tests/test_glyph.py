@@ -17,6 +17,7 @@ import uuid
 import zlib
 from pathlib import Path
 
+import nbformat
 import pytest
 from qntx_canvas import Canvas
 
@@ -309,6 +310,14 @@ def test_interrupt_restart_upstream_and_the_code_survives_a_reload(browser, canv
     run_code(page, "print(kept)")
     wait_until_idle(page, 1)
     expect(outputs.locator(".kp-error")).to_contain_text("NameError")
+
+    # The session downloads as a notebook: every run so far, the one before the restart too.
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Notebook").click()
+    assert download.value.suggested_filename == f"{glyph_id}.ipynb"
+    notebook = nbformat.reads(Path(download.value.path()).read_text(), as_version=4)
+    assert [cell.source for cell in notebook.cells][-1] == "print(kept)"
+    assert len(notebook.cells) == 4  # the meld, the sleep, and print(kept) before and after the restart
 
     # The code is kept in the glyph's config: a reload shows it again.
     final_code = "# kept across reloads\nprint('hello')"

@@ -33,12 +33,13 @@ export async function render(glyph, ui) {
   runButton.classList.add('kp-primary');
   const interruptButton = button('Interrupt', 'Interrupt the running code', () => interrupt());
   const restartButton = button('Restart', 'Give this glyph a fresh kernel (its variables are lost)', () => restart());
+  const notebookButton = button('Notebook', 'Download this glyph\'s runs as a Jupyter notebook', () => downloadNotebook());
   const packagesButton = button('Packages', 'Install packages into this glyph\'s environment', () => togglePackages());
   const stateBadge = element('span', 'kp-state');
   const kernelspecLabel = element('span', 'kp-kernelspec');
   const upstreamLabel = element('span', 'kp-upstream');
   const toolbar = element('div', 'kp-toolbar');
-  toolbar.append(runButton, interruptButton, restartButton, packagesButton, stateBadge, kernelspecLabel, upstreamLabel);
+  toolbar.append(runButton, interruptButton, restartButton, notebookButton, packagesButton, stateBadge, kernelspecLabel, upstreamLabel);
 
   const prompt = element('span', 'kp-prompt');
   const code = element('textarea', 'kp-code');
@@ -215,6 +216,19 @@ export async function render(glyph, ui) {
     } catch (error) {
       status.show(error.message, true);
       refreshState();
+    }
+  }
+
+  async function downloadNotebook() {
+    try {
+      const notebook = await fetchJSON(`/kernels/${encodeURIComponent(glyphId)}/notebook`);
+      const link = element('a');
+      link.href = URL.createObjectURL(new Blob([JSON.stringify(notebook, null, 1)], { type: 'application/x-ipynb+json' }));
+      link.download = `${glyphId.replace(/[^\w.-]+/g, '_')}.ipynb`;
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+    } catch (error) {
+      status.show(error.message, true);
     }
   }
 
