@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from kernel_provider import glyph
+from kernel_provider import glyph, packages
 from kernel_provider.kernels import kernel_interpreter
 from kernel_provider.notebook import notebook_of
 from kernel_provider.provider import Provider
@@ -213,6 +213,21 @@ async def glyph_notebook(provider: Provider, params: Params, body: Body) -> Repl
     return 200, notebook_of(runs)
 
 
+async def list_packages(provider: Provider, params: Params, body: Body) -> Reply:
+    try:
+        found = [await packages.environment(name) for name in provider.settings.served_kernels]
+    except packages.PackageError as exc:
+        raise HTTPError(exc.status, str(exc)) from None
+    return 200, {"environments": [environment.summary() for environment in found]}
+
+
+async def install_packages(provider: Provider, params: Params, body: Body) -> Reply:
+    try:
+        return 200, await packages.install_from_request(provider, body, glyph_from(body))
+    except packages.PackageError as exc:
+        raise HTTPError(exc.status, str(exc)) from None
+
+
 async def glyph_asset(provider: Provider, params: Params, body: Body) -> Response:
     found = glyph.asset(unquote(params["asset"]))
     if found is None:
@@ -325,6 +340,13 @@ ROUTES = [
     ),
     Route("DELETE", "/kernels/{glyph_id}", "Stop a glyph's kernel and forget the glyph.", delete_kernel),
     Route("GET", "/kernelspecs", "The installed kernelspecs and the one in use.", list_kernelspecs),
+    Route("GET", "/packages", "What each served kernelspec's environment has installed.", list_packages),
+    Route(
+        "POST",
+        "/packages",
+        "Install packages into the environment of a glyph's kernelspec (never the provider's own).",
+        install_packages,
+    ),
     Route(
         "GET",
         glyph.ASSETS_PREFIX + "{asset}",

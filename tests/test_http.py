@@ -36,6 +36,8 @@ def test_initialize_lists_every_route_and_the_job_handler(provider):
         ("DELETE", "/kernels/{glyph_id}"),
         ("GET", "/kernels/{glyph_id}/notebook"),
         ("GET", "/kernelspecs"),
+        ("GET", "/packages"),
+        ("POST", "/packages"),
         ("GET", "/glyph/{asset}"),
         ("GET", "/version"),
     }
