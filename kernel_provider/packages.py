@@ -247,6 +247,8 @@ async def refresh_imports(provider: Provider, kernelspec: str) -> None:
 
 def install_action(data: bytes) -> dict[str, Any] | None:
     """The request of a websocket DATA message that asks for an install ({"action": "install", ...}), else None."""
+    if b'"action"' not in data:  # a run: spare it a second JSON parse
+        return None
     try:
         body = json.loads(data)
     except ValueError:

@@ -32,6 +32,9 @@ from kernel_provider.proto import domain_pb2, domain_pb2_grpc
 Message = domain_pb2.WebSocketMessage
 PAGE = Path(__file__).with_name("canvas_page.html")
 RPC_TIMEOUT = 120
+# Playwright waits up to this long for what the page should come to show; only a slow machine
+# comes near it, and the assertion is about what is shown, never how fast.
+SHOWN_WITHIN_MS = 120_000
 # Frames the browser may have in flight towards the plugin; a test never comes close.
 MAX_QUEUED_FRAMES = 1000
 
@@ -201,3 +204,31 @@ class PluginSocket(tornado.websocket.WebSocketHandler):
                 self.to_plugin.put_nowait(message)
             except asyncio.QueueFull:
                 pass
+
+
+# ---------------------------------------------------------------------------- driving the page
+
+
+def open_glyph(browser, canvas, glyph_id: str):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=SHOWN_WITHIN_MS)
+    page = browser.new_page(viewport={"width": 780, "height": 700})
+    page.goto(f"{canvas.url}/?glyph={glyph_id}")
+    page.wait_for_selector("body[data-ready=yes]", state="attached", timeout=SHOWN_WITHIN_MS)
+    return page
+
+
+def run_code(page, code: str) -> None:
+    """Type the code into the cell and run it with Shift+Enter, as a person would."""
+    editor = page.locator(".kp-code")
+    editor.fill(code)
+    editor.press("Shift+Enter")
+
+
+def wait_until_idle(page, execution_count: int | None = None) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(".kp-state")).to_have_text("idle")
+    if execution_count is not None:
+        expect(page.locator(".kp-prompt")).to_have_text(f"[{execution_count}]:")

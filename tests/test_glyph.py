@@ -11,7 +11,6 @@ shows the print.
 from __future__ import annotations
 
 import base64
-import shutil
 import struct
 import uuid
 import zlib
@@ -19,15 +18,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from qntx_canvas import Canvas
+from qntx_canvas import Canvas, open_glyph, run_code, wait_until_idle
 
 from kernel_provider.proto import domain_pb2
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 EMPTY = domain_pb2.Empty()
-# Playwright waits up to this long for what the page should come to show; only a slow machine
-# comes near it, and the assertion is about what is shown, never how fast.
-SHOWN_WITHIN_MS = 120_000
 
 
 def glyph() -> str:
@@ -95,52 +91,10 @@ def test_only_the_glyphs_own_files_are_served(provider, path):
 # ------------------------------------------------------------------ in a browser
 
 
-def chromium_path() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra brings playwright")
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
-    with sync_api.sync_playwright() as playwright:
-        # Debian's chromium, not a browser Playwright downloads; --no-sandbox since tests may run as root.
-        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
 @pytest.fixture(scope="module")
 def canvas(provider):
     with Canvas(provider.port) as started:
         yield started
-
-
-def open_glyph(browser, canvas, glyph_id: str):
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=SHOWN_WITHIN_MS)
-    page = browser.new_page(viewport={"width": 780, "height": 700})
-    page.goto(f"{canvas.url}/?glyph={glyph_id}")
-    page.wait_for_selector("body[data-ready=yes]", state="attached", timeout=SHOWN_WITHIN_MS)
-    return page
-
-
-def run_code(page, code: str) -> None:
-    """Type the code into the cell and run it with Shift+Enter, as a person would."""
-    editor = page.locator(".kp-code")
-    editor.fill(code)
-    editor.press("Shift+Enter")
-
-
-def wait_until_idle(page, execution_count: int | None = None) -> None:
-    from playwright.sync_api import expect
-
-    expect(page.locator(".kp-state")).to_have_text("idle")
-    if execution_count is not None:
-        expect(page.locator(".kp-prompt")).to_have_text(f"[{execution_count}]:")
 
 
 def tiny_png(width: int = 3, height: int = 2, pixel=lambda x, y: (255, 0, 0)) -> bytes:

@@ -20,31 +20,37 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from qntx_canvas import Canvas, open_glyph, run_code, wait_until_idle
 
 from conftest import http, launch
+from kernel_provider.proto import domain_pb2
+
+Message = domain_pb2.WebSocketMessage
 
 TINY = "kp-tiny-pkg"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
-def tiny_wheel(folder: Path, version: str = "1.0") -> Path:
-    """A pure-Python wheel with one module, kp_tiny, saying its version."""
+def tiny_wheel(folder: Path, name: str = TINY, version: str = "1.0") -> Path:
+    """A pure-Python wheel of ``name`` with one module (the name with underscores) saying its version."""
+    module, dist = name.replace("-", "_").removesuffix("_pkg"), name.replace("-", "_")
     files = {
-        "kp_tiny.py": f"VALUE = 'tiny {version}'\n",
-        f"kp_tiny_pkg-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {TINY}\nVersion: {version}\n",
-        f"kp_tiny_pkg-{version}.dist-info/WHEEL": (
+        f"{module}.py": f"VALUE = 'tiny {version}'\n",
+        f"{dist}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}-{version}.dist-info/WHEEL": (
             "Wheel-Version: 1.0\nGenerator: kernel_provider-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
-    record_name = f"kp_tiny_pkg-{version}.dist-info/RECORD"
+    record_name = f"{dist}-{version}.dist-info/RECORD"
     record = []
-    for name, text in files.items():
+    for file_name, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(text.encode())}")
+        record.append(f"{file_name},sha256={digest},{len(text.encode())}")
     record.append(f"{record_name},,")
-    path = folder / f"kp_tiny_pkg-{version}-py3-none-any.whl"
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
-        for name, text in files.items():
-            wheel.writestr(name, text)
+        for file_name, text in files.items():
+            wheel.writestr(file_name, text)
         wheel.writestr(record_name, "\n".join(record) + "\n")
     return path
 
@@ -71,7 +77,8 @@ def environments(tmp_path_factory):
     (system_spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "system", "language": "python"}))
     wheels = root / "wheels"
     wheels.mkdir()
-    tiny_wheel(wheels)
+    for name in (TINY, "kp-socket-pkg", "kp-panel-pkg"):
+        tiny_wheel(wheels, name)
     env = {
         "JUPYTER_PATH": str(data / "share" / "jupyter"),
         "PIP_FIND_LINKS": str(wheels),
@@ -168,3 +175,44 @@ def test_an_installed_package_is_importable_in_the_running_glyph_without_a_resta
     assert after["stdout"] == "tiny 1.0 same kernel\n"
     assert {"name": TINY, "version": "1.0"} in listed(plugin)["kp-venv"]["packages"]
     assert has_tiny(python)
+
+
+def test_an_install_over_the_websocket_streams_the_installers_output(environments):
+    plugin, python, _ = environments
+    request = {"id": "i-1", "action": "install", "packages": ["kp-socket-pkg"]}
+    bad = {"id": "i-2", "action": "install", "packages": ["--pre"]}
+    sent = [Message(type=Message.DATA, data=json.dumps(r).encode()) for r in (bad, request)]
+    answers = [json.loads(m.data) for m in plugin.domain.HandleWebSocket(iter(sent), timeout=300)]
+    refused = [a for a in answers if a["id"] == "i-2"]
+    said = '"--pre" is an installer option; send only requirement specifiers.'
+    assert refused == [{"type": "error", "error": said, "id": "i-2"}]
+    installing = [a for a in answers if a["id"] == "i-1"]
+    progress, last = installing[:-1], installing[-1]
+    assert progress and all(a["type"] == "install_output" for a in progress)
+    assert any("kp-socket-pkg" in a["line"] for a in progress)
+    assert last["type"] == "install_result" and last["id"] == "i-1"
+    assert last["result"]["installed"] == [{"name": "kp-socket-pkg", "version": "1.0"}]
+    assert [a["line"] for a in progress][-len(last["result"]["output"]) :] == last["result"]["output"]
+    assert run(python, "-c", "import kp_socket; print(kp_socket.VALUE)") == "tiny 1.0\n"
+
+
+def test_the_glyphs_packages_panel_lists_and_installs(environments, browser):
+    from playwright.sync_api import expect
+
+    plugin, _, _ = environments
+    with Canvas(plugin.port) as canvas:
+        page = open_glyph(browser, canvas, f"panel-{uuid.uuid4().hex[:8]}")
+        run_code(page, "import sys\nprint(sys.prefix)")
+        wait_until_idle(page, 1)
+        expect(page.locator(".kp-kernelspec")).to_have_text("kp-venv")
+        page.get_by_role("button", name="Packages").click()
+        expect(page.locator(".kp-package-list")).to_contain_text("pip ")
+        page.locator(".kp-package-names").fill("kp-panel-pkg")
+        page.get_by_role("button", name="Install").click()
+        expect(page.locator(".kp-package-log")).to_contain_text("installed: kp-panel-pkg 1.0")
+        expect(page.locator(".kp-package-list")).to_contain_text("kp-panel-pkg 1.0")
+        run_code(page, "import kp_panel\nprint(kp_panel.VALUE)")
+        wait_until_idle(page, 2)
+        expect(page.locator(".kp-outputs .kp-stdout")).to_have_text("tiny 1.0\n")
+        page.screenshot(path=str(ARTIFACTS / "jupyter-glyph-packages.png"))
+        page.close()

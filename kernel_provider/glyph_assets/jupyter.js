@@ -60,6 +60,7 @@ export async function render(glyph, ui) {
   let nextId = 1;
   let socket = null;
   let socketOpen = null;
+  const actions = new Map(); // request id -> handler of its answers, for requests that are not runs
 
   function showState(state, executionCount, kernelName) {
     stateBadge.textContent = state;
@@ -141,6 +142,7 @@ export async function render(glyph, ui) {
     socket.addEventListener('close', () => {
       socket = null;
       if (running) finishRun(null, 'the live-run connection closed before the run ended');
+      for (const handler of [...actions.values()]) handler({ type: 'error', error: 'the connection closed before the answer came' });
     });
     return socketOpen;
   }
@@ -150,6 +152,8 @@ export async function render(glyph, ui) {
   }
 
   function onMessage(message) {
+    const action = message.id !== undefined && actions.get(message.id);
+    if (action) return action(message);
     if (!running || (message.id !== undefined && message.id !== running.id)) return;
     switch (message.type) {
       case 'output': return addOutput(message.output, message.display_id);
@@ -331,36 +335,64 @@ export async function render(glyph, ui) {
   }
 
   // --- packages --------------------------------------------------------------------------------
+  // Installs go over the websocket ({"action": "install"}) so the installer's output shows as it comes.
   function packagesUI() {
     const panel = element('div', 'kp-packages');
     panel.hidden = true;
     const input = element('input', 'kp-package-names');
-    input.placeholder = 'package names, e.g. requests==2.32.3 tqdm';
-    const install = button('Install', 'Install into this glyph\'s environment', async () => {
-      const packages = input.value.split(/\s+/).filter(Boolean);
+    input.placeholder = 'packages to install, e.g. requests==2.32.3 tqdm';
+    const install = button('Install', 'Install into this glyph\'s environment', () => installPackages());
+    const log = element('pre', 'kp-package-log');
+    const list = element('pre', 'kp-package-list');
+    panel.append(input, install, log, list);
+    input.addEventListener('keydown', (event) => { if (event.key === 'Enter') installPackages(); });
+
+    async function installPackages() {
+      const packages = input.value.split(/[\s,]+/).filter(Boolean);
       if (!packages.length) return;
-      list.textContent = `installing ${packages.join(' ')} …`;
+      install.disabled = true;
+      log.textContent = `installing ${packages.join(' ')} …\n`;
+      const id = `${glyphId}:install:${nextId++}`;
+      actions.set(id, (message) => {
+        if (message.type === 'install_output') {
+          log.textContent += `${message.line}\n`;
+          log.scrollTop = log.scrollHeight;
+          return;
+        }
+        actions.delete(id);
+        install.disabled = false;
+        if (message.type === 'install_result') {
+          const installed = message.result.installed.map((p) => `${p.name} ${p.version}`).join(', ');
+          log.textContent += `installed: ${installed || 'nothing new'}\n`;
+          refreshList();
+        } else {
+          log.textContent += `${message.error}\n`;
+        }
+      });
       try {
-        const answer = await fetchJSON('/packages', { method: 'POST', body: { glyph_id: glyphId, packages } });
-        list.textContent = `installed: ${answer.installed.map((p) => `${p.name} ${p.version}`).join(', ') || 'nothing new'}`;
+        await connect();
+        send({ id, action: 'install', packages, glyph_id: glyphId });
+      } catch (error) {
+        actions.delete(id);
+        install.disabled = false;
+        log.textContent += `${error.message}\n`;
+      }
+    }
+
+    async function refreshList() {
+      try {
+        const { environments } = await fetchJSON('/packages');
+        const mine = environments.find((e) => e.kernelspec === kernelspecLabel.textContent) || environments[0];
+        install.disabled = !mine.installable;
+        list.textContent = mine.installable
+          ? mine.packages.map((p) => `${p.name} ${p.version}`).join('\n')
+          : `cannot install here: ${mine.not_installable_because}`;
       } catch (error) {
         list.textContent = error.message;
       }
-    });
-    const list = element('pre', 'kp-package-list');
-    panel.append(input, install, list);
-    return {
-      element: panel,
-      async show() {
-        panel.hidden = false;
-        try {
-          const answer = await fetchJSON(`/packages?glyph_id=${encodeURIComponent(glyphId)}`);
-          list.textContent = answer.packages.map((p) => `${p.name} ${p.version}`).join('\n');
-        } catch (error) {
-          list.textContent = error.message;
-        }
-      },
-    };
+    }
+
+    return { element: panel, show() { panel.hidden = false; refreshList(); } };
   }
 
   function togglePackages() {
