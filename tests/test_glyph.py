@@ -196,7 +196,7 @@ def test_the_glyph_runs_code_live_and_shows_what_a_notebook_shows(browser, canva
     expect(outputs.locator(".kp-error")).to_contain_text("KeyError")
     expect(page.frame_locator("iframe.kp-html").locator("td").first).to_have_text("ax-1")
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "jupyter-glyph.png"))
+    page.locator("#canvas").screenshot(path=str(ARTIFACTS / "jupyter-glyph.png"))
     assert page.evaluate("window.canvas.errors") == []
     page.close()
 
