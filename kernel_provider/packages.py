@@ -234,7 +234,7 @@ async def install_from_request(
 async def refresh_imports(provider: Provider, kernelspec: str) -> None:
     """Let live glyphs on ``kernelspec`` import what was just installed, without a restart."""
     sessions = provider.sessions
-    live = [s for s in sessions.sessions.values() if s.kernel_name == kernelspec and s.manager is not None]
+    live = [s for s in sessions.sessions.values() if s.kernel_name == kernelspec and s.kernel is not None]
     expression = "__import__('importlib').invalidate_caches()"
     await asyncio.gather(
         *(asyncio.wait_for(sessions.evaluate(s.glyph_id, expression, 30), 30) for s in live),
