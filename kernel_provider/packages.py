@@ -35,6 +35,7 @@ MAX_SPECIFIER_LENGTH = 200
 INSTALL_TIMEOUT_SECONDS = 900
 PROBE_TIMEOUT_SECONDS = 60
 KEPT_OUTPUT_LINES = 200  # the tail of the installer's output given back with the answer
+MAX_LINE_CHARACTERS = 1000  # longer lines of the installer's output are cut
 
 # Run by the target interpreter: where it lives, and what it has installed.
 _PROBE = (
@@ -169,13 +170,23 @@ async def install(kernelspec: str, packages: list[str], on_line: Callable[[str],
             *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
         )
 
+        def emit(raw: bytes) -> None:
+            line = raw.decode("utf-8", "replace").rstrip()[:MAX_LINE_CHARACTERS]
+            tail.append(line)
+            if on_line is not None:
+                on_line(line)
+
         async def relay() -> None:
+            # By chunks, not readline: a line of any length (a progress bar) must not stop the relay.
             assert process.stdout is not None
-            async for raw in process.stdout:
-                line = raw.decode("utf-8", "replace").rstrip()
-                tail.append(line)
-                if on_line is not None:
-                    on_line(line)
+            pending = b""
+            while chunk := await process.stdout.read(65536):
+                *lines, pending = (pending + chunk).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+                for raw in lines:
+                    emit(raw)
+                pending = pending[: MAX_LINE_CHARACTERS * 4]  # the rest of an overlong line is dropped
+            if pending:
+                emit(pending)
 
         try:
             await asyncio.wait_for(asyncio.gather(relay(), process.wait()), INSTALL_TIMEOUT_SECONDS)
