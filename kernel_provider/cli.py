@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     from kernel_provider.lab import add_inspect_parsers
 
     add_inspect_parsers(commands)
+    from kernel_provider.notebook import add_notebook_parser
+
+    add_notebook_parser(commands)
 
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the usage of the command that was given, not the top-level one
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(settings_from_args(args, "kernel-provider"))
     if args.command == "variant":
         return args.handler(args)
-    if args.command in ("env", "kernels", "lab"):
+    if args.command in ("env", "kernels", "lab", "notebook"):
         return args.handler(args)
     from kernel_provider.client import run_command
 

@@ -20,7 +20,9 @@ from urllib.parse import unquote
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from kernel_provider import glyph, packages
 from kernel_provider.kernels import kernel_interpreter
+from kernel_provider.notebook import notebook_of
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import BadRequest, decode_upstream, load_json, validate_code, validate_glyph_id
 from kernel_provider.sessions import ProviderClosing
@@ -34,7 +36,8 @@ MAX_TIMEOUT_SECONDS = 86_400
 Params = dict[str, str]
 Body = dict[str, Any]
 Reply = tuple[int, Any]
-Handler = Callable[[Provider, Params, Body], Awaitable[Reply]]
+# A handler whose answer is not JSON (the glyph's files) answers a Response of its own.
+Handler = Callable[[Provider, Params, Body], Awaitable["Reply | Response"]]
 
 
 class HTTPError(Exception):
@@ -202,6 +205,39 @@ async def delete_kernel(provider: Provider, params: Params, body: Body) -> Reply
     return 200, {"deleted": session.glyph_id}
 
 
+async def glyph_notebook(provider: Provider, params: Params, body: Body) -> Reply:
+    glyph_id = unquote(params["glyph_id"])
+    runs = provider.sessions.history.runs(glyph_id)
+    if not runs:
+        raise HTTPError(404, f"glyph {glyph_id!r} has no runs on record (none yet, or the provider restarted).")
+    return 200, notebook_of(runs)
+
+
+async def list_packages(provider: Provider, params: Params, body: Body) -> Reply:
+    try:
+        found = [await packages.environment(name) for name in provider.settings.served_kernels]
+    except packages.PackageError as exc:
+        raise HTTPError(exc.status, str(exc)) from None
+    return 200, {"environments": [environment.summary() for environment in found]}
+
+
+async def install_packages(provider: Provider, params: Params, body: Body) -> Reply:
+    try:
+        return 200, await packages.install_from_request(provider, body, glyph_from(body))
+    except packages.PackageError as exc:
+        raise HTTPError(exc.status, str(exc)) from None
+
+
+async def glyph_asset(provider: Provider, params: Params, body: Body) -> Response:
+    found = glyph.asset(unquote(params["asset"]))
+    if found is None:
+        raise HTTPError(404, f"the glyph has no file {params['asset']!r}.")
+    content, content_type, etag = found
+    # no-cache: the browser may keep the file but asks again (If-None-Match) before using it,
+    # so a provider upgrade reaches the canvas without stale modules.
+    return Response(200, content, {"Content-Type": content_type, "Cache-Control": "no-cache", "ETag": etag})
+
+
 async def list_kernelspecs(provider: Provider, params: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
     specs = KernelSpecManager().get_all_specs()
     return 200, {
@@ -296,8 +332,27 @@ ROUTES = [
         "Give a glyph a fresh kernel (its state is lost).",
         restart_kernel,
     ),
+    Route(
+        "GET",
+        "/kernels/{glyph_id}/notebook",
+        "A glyph's runs so far as a Jupyter notebook (.ipynb, nbformat 4).",
+        glyph_notebook,
+    ),
     Route("DELETE", "/kernels/{glyph_id}", "Stop a glyph's kernel and forget the glyph.", delete_kernel),
     Route("GET", "/kernelspecs", "The installed kernelspecs and the one in use.", list_kernelspecs),
+    Route("GET", "/packages", "What each served kernelspec's environment has installed.", list_packages),
+    Route(
+        "POST",
+        "/packages",
+        "Install packages into the environment of a glyph's kernelspec (never the provider's own).",
+        install_packages,
+    ),
+    Route(
+        "GET",
+        glyph.ASSETS_PREFIX + "{asset}",
+        "The Jupyter glyph's ES module, stylesheet and libraries.",
+        glyph_asset,
+    ),
     Route(
         "GET",
         "/version",
@@ -307,7 +362,19 @@ ROUTES = [
 ]
 
 
-async def dispatch(provider: Provider, method: str, raw_path: str, body: bytes) -> Response:
+def not_modified(response: Response, request_headers: dict[str, str]) -> Response:
+    """304 without a body when the browser already holds this version (its If-None-Match is our ETag)."""
+    etag = response.headers.get("ETag")
+    asked = {k.lower(): v for k, v in request_headers.items()}.get("if-none-match", "")
+    if etag and etag in [tag.strip() for tag in asked.split(",")]:
+        kept = {k: v for k, v in response.headers.items() if k in ("ETag", "Cache-Control")}
+        return Response(304, b"", kept)
+    return response
+
+
+async def dispatch(
+    provider: Provider, method: str, raw_path: str, body: bytes, headers: dict[str, str] | None = None
+) -> Response:
     path = raw_path.split("?", 1)[0].rstrip("/") or "/"
     matching = [(route, m) for route in ROUTES if (m := route.pattern.match(path))]
     try:
@@ -315,8 +382,10 @@ async def dispatch(provider: Provider, method: str, raw_path: str, body: bytes) 
             raise HTTPError(404, f"no route {path}; see Initialize's http_routes for the ones there are.")
         for route, match in matching:
             if route.method == method.upper():
-                status, payload = await route.handler(provider, match.groupdict(), parse_body(body))
-                return json_response(status, payload)
+                reply = await route.handler(provider, match.groupdict(), parse_body(body))
+                if isinstance(reply, Response):
+                    return not_modified(reply, headers or {})
+                return json_response(*reply)
         allowed = ", ".join(sorted({route.method for route, _ in matching}))
         raise HTTPError(405, f"{method} is not allowed on {path}; use {allowed}.", {"Allow": allowed})
     except HTTPError as exc:

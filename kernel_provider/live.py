@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from kernel_provider.packages import answer_install_action, install_action
 from kernel_provider.proto import domain_pb2
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import (
@@ -86,6 +87,9 @@ async def serve_websocket(
         except ProviderClosing as exc:
             replies.put_nowait(Message(type=Type.ERROR, data=f"{exc}; try again once it is back.".encode()))
 
+    def send_json(body: dict[str, Any]) -> None:
+        replies.put_nowait(Message(type=Type.DATA, data=json.dumps(body, ensure_ascii=False).encode()))
+
     async def read() -> None:
         try:
             async for message in messages:
@@ -93,6 +97,11 @@ async def serve_websocket(
                     replies.put_nowait(Message(type=Type.PONG, timestamp=message.timestamp))
                 elif message.type == Type.CLOSE:
                     return
+                elif message.type == Type.DATA and (install := install_action(message.data)) is not None:
+                    # {"action": "install", "packages": [...]}: see packages.answer_install_action.
+                    task = asyncio.ensure_future(answer_install_action(provider, install, send_json))
+                    runs.add(task)
+                    task.add_done_callback(runs.discard)
                 elif message.type == Type.DATA:
                     try:
                         glyph_id, code, upstream, request_id = parse_data(message.data)

@@ -9,7 +9,7 @@ from contextlib import aclosing
 
 import grpc
 
-from kernel_provider import http
+from kernel_provider import glyph, http
 from kernel_provider.config import CONFIG_FIELDS, ConfigError
 from kernel_provider.jobs import execute_job, handler_names
 from kernel_provider.live import serve_websocket
@@ -109,13 +109,14 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
         )
 
     async def RegisterGlyphs(self, request, context):
-        return domain_pb2.GlyphDefResponse()
+        return domain_pb2.GlyphDefResponse(glyphs=glyph.glyph_defs())
 
     async def ParseAxQuery(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this plugin does not parse Ax queries.")
 
     async def HandleHTTP(self, request, context):
-        answer = await http.dispatch(self.provider, request.method, request.path, request.body)
+        headers = {header.name: ", ".join(header.values) for header in request.headers}
+        answer = await http.dispatch(self.provider, request.method, request.path, request.body, headers)
         return domain_pb2.HTTPResponse(
             status_code=answer.status,
             headers=[domain_pb2.HTTPHeader(name=name, values=[value]) for name, value in answer.headers.items()],

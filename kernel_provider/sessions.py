@@ -31,6 +31,7 @@ from kernel_provider.execution import (
     run_code,
     send_silently,
 )
+from kernel_provider.history import SessionHistory
 from kernel_provider.kernels import (
     KERNEL_START_TIMEOUT,
     CapacityError,
@@ -372,6 +373,8 @@ class SessionManager:
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
         self._resuming: dict[str, asyncio.Future] = {}  # glyph -> re-attaching its surviving kernel
         self._culler: asyncio.Task | None = None
+        # Each glyph's runs, for `GET /kernels/{glyph}/notebook` (see history.py).
+        self.history = SessionHistory()
 
     async def start(self) -> None:
         """Clean what a killed predecessor left, warm the pool, and start culling idle kernels."""
@@ -431,6 +434,7 @@ class SessionManager:
         result = await self._session(glyph_id, kernel_name).run(request)
         if notice:
             result.add_notice(notice)
+        self.history.record(glyph_id, kernel_name, request.code, result)
         return result
 
     async def evaluate(self, glyph_id: str, expression: str, timeout: float) -> tuple[ExecutionResult, dict]:
@@ -527,6 +531,7 @@ class SessionManager:
 
     async def remove(self, glyph_id: str) -> bool:
         """Stop a glyph's kernel and forget the glyph; False when there was no such glyph."""
+        self.history.forget(glyph_id)
         session = self.sessions.get(glyph_id)
         if session is None:
             return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,3 +201,17 @@ def fresh_provider(tmp_path):
         for pid in leftover:
             os.kill(pid, signal.SIGKILL)
         assert not leftover, f"kernels outlived their provider: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless chromium driven by Playwright (its own browser download is not needed)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra brings playwright")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: tests may run as root, where chromium's own sandbox refuses to start.
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()

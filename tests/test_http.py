@@ -34,7 +34,11 @@ def test_initialize_lists_every_route_and_the_job_handler(provider):
         ("POST", "/kernels/{glyph_id}/interrupt"),
         ("POST", "/kernels/{glyph_id}/restart"),
         ("DELETE", "/kernels/{glyph_id}"),
+        ("GET", "/kernels/{glyph_id}/notebook"),
         ("GET", "/kernelspecs"),
+        ("GET", "/packages"),
+        ("POST", "/packages"),
+        ("GET", "/glyph/{asset}"),
         ("GET", "/version"),
     }
     assert all(r.description for r in response.http_routes)

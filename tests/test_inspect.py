@@ -2,22 +2,19 @@
 open in a real JupyterLab (`kernel-provider lab`), and see it in a real headless Chromium.
 
 Everything here is real: a launched provider, real ipykernel kernels, a real jupyter_server
-and, for the last test, Debian's chromium driven over its DevTools protocol.
+and, for the last test, Debian's chromium driven by Playwright.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -323,124 +320,36 @@ def test_lab_without_jupyterlab_says_how_to_install_it(tmp_path):
     assert "./dev kernel-provider lab" in result.stderr and "pip install '.[lab]'" in result.stderr
 
 
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-class DevTools:
-    """The smallest DevTools-protocol client: one page, over tornado's websocket."""
-
-    def __init__(self, connection):
-        self.connection = connection
-        self.next_id = 0
-
-    async def call(self, method: str, **params):
-        self.next_id += 1
-        call_id = self.next_id
-        await self.connection.write_message(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            raw = await asyncio.wait_for(self.connection.read_message(), timeout=60)
-            assert raw is not None, "chromium closed the DevTools connection"
-            message = json.loads(raw)
-            if message.get("id") == call_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    async def evaluate(self, expression: str):
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    async def click(self, selector: str) -> bool:
-        box = await self.evaluate(
-            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return null;"
-            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-        )
-        if not box:
-            return False
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
-        return True
+# JupyterLab's "Running Terminals and Kernels" panel as text, with the titles of its entries.
+RUNNING_PANEL_TEXT = (
+    "() => { const p = document.querySelector('#jp-running-sessions:not(.lm-mod-hidden)'); if (!p) return '';"
+    " const titles = [...p.querySelectorAll('[title]')].map(e => e.title);"
+    " return p.innerText + '\\n' + titles.join('\\n'); }"
+)
 
 
 @pytest.mark.timeout(150)
-def test_jupyterlab_in_chromium_lists_the_glyph_kernel(fresh_provider, lab, tmp_path):
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+def test_jupyterlab_in_chromium_lists_the_glyph_kernel(fresh_provider, lab, browser):
     plugin = fresh_provider("--isolation", "auto")  # sandboxed where possible
     assert plugin.run("x = 1", "browser-glyph")["success"]
     server = lab(plugin.connection_dir)
     (kernel,) = server.get("/api/kernels")
-    profile = Path(tempfile.mkdtemp(dir=tmp_path))
-    browser = subprocess.Popen(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-address=127.0.0.1",
-            "--remote-debugging-port=0",
-            "--window-size=1400,900",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            assert browser.poll() is None, f"chromium exited with {browser.returncode}"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.1)
-        devtools_port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/list", timeout=30) as response:
-            (page,) = [t for t in json.load(response) if t["type"] == "page"]
-
-        async def scenario() -> tuple[str, bytes]:
-            tools = DevTools(await websocket_connect(page["webSocketDebuggerUrl"], max_message_size=64 << 20))
-            await tools.call("Page.enable")
-            await tools.call("Page.navigate", url=server.url)
-            text = ""
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                # Open the left sidebar's "Running Terminals and Kernels" panel once it exists.
-                if not await tools.evaluate("!!document.querySelector('#jp-running-sessions:not(.lm-mod-hidden)')"):
-                    await tools.click("li[data-id='jp-running-sessions']")
-                    continue
-                text = await tools.evaluate(
-                    "(() => { const p = document.querySelector('#jp-running-sessions');"
-                    " const titles = [...p.querySelectorAll('[title]')].map(e => e.title);"
-                    " return p.innerText + '\\n' + titles.join('\\n'); })()"
-                )
-                if kernel["id"] in text or "Python 3 (ipykernel)" in text:
-                    break
-            shot = await tools.call("Page.captureScreenshot", format="png")
-            tools.connection.close()
-            return text, base64.b64decode(shot["data"])
-
-        text, png = asyncio.run(scenario())
+        page.goto(server.url)
+        # Open the left sidebar's "Running Terminals and Kernels" panel once JupyterLab shows it.
+        page.locator("li[data-id='jp-running-sessions']").click(timeout=90_000)
+        page.wait_for_function(
+            f"() => {{ const text = ({RUNNING_PANEL_TEXT})();"
+            f" return text.includes({json.dumps(kernel['id'])}) || text.includes('Python 3 (ipykernel)'); }}",
+            timeout=90_000,
+        )
+        text = page.evaluate(RUNNING_PANEL_TEXT)
         ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "jupyterlab-running-kernels.png").write_bytes(png)
-        assert png.startswith(b"\x89PNG")
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab-running-kernels.png"))
         assert "Kernels" in text, text
         assert kernel["id"] in text or "Python 3 (ipykernel)" in text, text
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
+        page.close()
     # The page was a JupyterLab client of the kernel; the glyph still answers as before.
     assert plugin.run("x + 1", "browser-glyph")["result"] == "2"

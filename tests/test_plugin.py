@@ -211,9 +211,8 @@ def test_config_schema_describes_every_key(fresh_provider):
     assert all(f.description for f in fields.values())
 
 
-def test_register_glyphs_is_empty_and_ax_parsing_unimplemented(fresh_provider):
+def test_ax_parsing_is_unimplemented(fresh_provider):
     plugin = fresh_provider(initialize=False)
-    assert list(plugin.domain.RegisterGlyphs(EMPTY).glyphs) == []
     with pytest.raises(grpc.RpcError) as caught:
         plugin.domain.ParseAxQuery(domain_pb2.ParseAxQueryRequest(query="x"))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
