@@ -14,7 +14,7 @@ import grpc
 import pytest
 from fake_ats import FakeATSStore
 
-from conftest import RPC_TIMEOUT, launch
+from conftest import RPC_TIMEOUT, http
 from kernel_provider.proto import domain_pb2
 
 TOKEN = "first-token"
@@ -110,3 +110,103 @@ def test_a_refused_first_initialize_does_not_fix_the_store(fresh_provider, store
     initialize(plugin, real.endpoint, TOKEN)
     assert plugin.run("attest(['a'], ['b'], ['c'])", glyph())["success"]
     assert json.loads(plugin.health().details["live_kernels"]) == 1
+
+
+# ------------------------------------------------------------------ every answer under 4 MB (point 9)
+
+GRPC_LIMIT = 4 * 1024 * 1024
+CUT = "cut to fit the 4 MB answer limit"
+HUGE_ERROR = 'x = "still here"\nraise ValueError("E" * 5_000_000)'
+CONTROL_FLOOD = 'x = "still here"\nprint("\\x01" * 900_000)'
+
+
+def test_execute_of_a_huge_error_answers_under_4mb_with_the_cut_marked(provider):
+    g = glyph()
+    # The default channel refuses to receive more than 4 MB, as QNTX's Go client does.
+    response = provider.execute(HUGE_ERROR, g)
+    assert response.ByteSize() < GRPC_LIMIT
+    result = json.loads(response.result)
+    assert not response.success and response.error.startswith("ValueError: EEEE")
+    assert CUT in response.error and CUT in result["error"]
+    assert any(o["output_type"] == "error" and CUT in o["evalue"] for o in result["outputs"])
+    assert provider.run("x", g)["result"] == "'still here'"
+
+
+def test_execute_stream_done_of_a_huge_error_fits(provider):
+    # The output events are the live protocol's own bound; the final answer is this one's.
+    from kernel_provider.proto import python_pb2
+
+    request = python_pb2.PythonExecuteRequest(code="raise ValueError('E' * 1_500_000)", glyph_id=glyph())
+    events = list(provider.python.ExecuteStream(request, timeout=RPC_TIMEOUT))
+    done = events[-1].done
+    assert done.ByteSize() < GRPC_LIMIT and not done.success and CUT in done.error
+
+
+@pytest.mark.parametrize(
+    "code, what",
+    [
+        ("for i in range(80000): print(i)", "lines"),
+        (CONTROL_FLOOD, "escapes"),
+        (HUGE_ERROR, "error"),
+    ],
+)
+def test_execute_job_answers_under_4mb_whatever_the_output(provider, code, what):
+    g = glyph()
+    payload = json.dumps({"code": code, "glyph_id": g}).encode()
+    request = domain_pb2.ExecuteJobRequest(handler_name="python.script", payload=payload)
+    response = provider.domain.ExecuteJob(request, timeout=RPC_TIMEOUT)
+    assert response.ByteSize() < GRPC_LIMIT
+    result = json.loads(response.result)
+    assert len(response.log_entries) <= 1000
+    if what == "lines":
+        assert response.success
+        assert result["stdout"] == "".join(f"{i}\n" for i in range(80000))  # nothing lost from the result
+        messages = [e.message for e in response.log_entries]
+        assert messages[:3] == ["0", "1", "2"] and messages[-1] == "79999"
+        assert any("more log lines left out" in m for m in messages)
+    elif what == "escapes":
+        assert response.success and CUT in result["stdout"]
+    else:
+        assert not response.success and CUT in response.error
+        assert response.log_entries[-1].level == "error" and CUT in response.log_entries[-1].message
+    if what != "lines":
+        assert provider.run("x", g)["result"] == "'still here'"
+
+
+@pytest.mark.parametrize("code", [CONTROL_FLOOD, HUGE_ERROR])
+def test_http_execute_answers_under_4mb_whatever_the_output(provider, code):
+    g = glyph()
+    response = provider.domain.HandleHTTP(
+        domain_pb2.HTTPRequest(method="POST", path="/execute", body=json.dumps({"code": code, "glyph_id": g}).encode()),
+        timeout=RPC_TIMEOUT,
+    )
+    assert response.status_code == 200 and response.ByteSize() < GRPC_LIMIT
+    answer = json.loads(response.body)
+    assert CUT in (answer["stdout"] + (answer["error"] or ""))
+    assert provider.run("x", g)["result"] == "'still here'"
+
+
+def test_http_errors_never_echo_a_huge_request(provider):
+    for method, path in [("GET", "/" + "p" * 3_000_000), ("PUT", "/execute" + "/" * 3_000_000)]:
+        response = provider.domain.HandleHTTP(domain_pb2.HTTPRequest(method=method, path=path), timeout=RPC_TIMEOUT)
+        assert response.status_code in (404, 405) and len(response.body) < 2000
+    response = provider.domain.HandleHTTP(
+        domain_pb2.HTTPRequest(method="DELETE", path="/kernels/" + "g" * 3_000_000), timeout=RPC_TIMEOUT
+    )
+    assert response.status_code == 404 and len(response.body) < 2000
+
+
+def test_http_evaluate_of_a_huge_value_is_refused_with_its_size(provider):
+    g = glyph()
+    assert provider.run("big = 'x' * 10_000_000", g)["success"]
+    status, _, answer = http(provider, "POST", "/evaluate", {"expr": "big", "glyph_id": g})
+    assert status == 200 and answer["success"] is False and answer["result"] is None
+    assert answer["error"].startswith("ValueTooLarge: the value is 100000") and "bytes as JSON" in answer["error"]
+    status, _, answer = http(provider, "POST", "/evaluate", {"expr": "big[:1000]", "glyph_id": g})
+    assert answer["success"] and answer["result"] == "x" * 1000
+    error = {"expr": "(_ for _ in ()).throw(ValueError('E' * 5_000_000))", "glyph_id": g}
+    response = provider.domain.HandleHTTP(
+        domain_pb2.HTTPRequest(method="POST", path="/evaluate", body=json.dumps(error).encode()), timeout=RPC_TIMEOUT
+    )
+    answer = json.loads(response.body)
+    assert answer["error"].startswith("ValueError: EEE") and CUT in answer["error"] and len(response.body) < 100_000
