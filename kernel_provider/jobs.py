@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,11 +29,13 @@ def parse_payload(payload: bytes) -> tuple[str, str, Any]:
         raise JobError(f'{exc} Send {{"code": ...}}.') from None
     if not isinstance(value, dict):
         raise JobError("the job payload must be a JSON object with a `code` string.")
-    code, glyph_id, upstream = value.get("code"), value.get("glyph_id") or "", value.get("upstream")
+    code, glyph_id, upstream = value.get("code"), value.get("glyph_id"), value.get("upstream")
     if not isinstance(code, str):
         raise JobError("the job payload needs `code`, the Python source to run, as a string.")
+    if glyph_id is None:  # absent or null: a throwaway run, as without a glyph
+        glyph_id = ""
     if not isinstance(glyph_id, str):
-        raise JobError("`glyph_id` in the job payload must be a string.")
+        raise JobError(f"`glyph_id` in the job payload must be a string, got {json.dumps(glyph_id)[:40]}.")
     if upstream is not None and not isinstance(upstream, dict):
         raise JobError("`upstream` in the job payload must be a JSON object.")
     try:

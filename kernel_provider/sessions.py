@@ -198,10 +198,15 @@ class KernelSession:
                 user_expressions=request.user_expressions,
             )
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                # Nobody cancelled us: shutdown closed the connection a wait was on.
+                self._raise_if_stopped_under_run(kernel)
             # run_code sends its request before it first waits: the code is on the kernel.
             await self._interrupt_abandoned_run(kernel)
             raise
         except KernelDied as died:
+            self._raise_if_stopped_under_run(kernel)
             log.warning("kernel of glyph %r died mid-run; starting a fresh one", self.glyph_id)
             await self._renew_after_failure()
             result = ExecutionResult.from_outputs(
@@ -213,6 +218,7 @@ class KernelSession:
             )
             return result, {}
         except InterruptFailed as stuck:
+            self._raise_if_stopped_under_run(kernel)
             log.warning("kernel of glyph %r ignored an interrupt; restarting it", self.glyph_id)
             await self._renew_after_failure()
             result = ExecutionResult.from_outputs(
@@ -223,6 +229,9 @@ class KernelSession:
                 "kernel did not respond to an interrupt, so it was restarted; the glyph's state was lost.",
             )
             return result, {}
+        except Exception:
+            self._raise_if_stopped_under_run(kernel)
+            raise
 
         missed = kernel.missed_output()
         failure = None
@@ -242,6 +251,16 @@ class KernelSession:
         if outcome.execution_count is not None:
             self.execution_count = outcome.execution_count
         return result, outcome.user_expressions
+
+    def _raise_if_stopped_under_run(self, kernel: StartedKernel) -> None:
+        """A run whose kernel was stopped from under it (shutdown does that) ends as ProviderClosing.
+
+        Its connection is closed then, so the run fails in some way (a closed connection,
+        a dead kernel); the caller must hear why, not a bare error, and no fresh kernel
+        may be started for a provider on its way out.
+        """
+        if self.kernel is not kernel:
+            raise ProviderClosing("the provider shut down while this code was running")
 
     async def _service_call(self, request: Any) -> Any:
         if self.attestations is None:
@@ -466,7 +485,10 @@ class SessionManager:
     def _kernel_setup(self) -> str:
         """The code every kernel runs once it is up, before any glyph claims it (see prelude.py)."""
         setup = f"_kernel_provider_setup({self.settings.kernel_memory_limit!r})"
-        return f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _install_reset, _attestation_functions\n"
+        return (
+            f"{_PRELUDE_SOURCE}\n{setup}\n"
+            "del _kernel_provider_setup, _install_reset, _attestation_functions, _keep_lone_surrogates\n"
+        )
 
     async def _retire(self, session: KernelSession, reason: str | None = None) -> None:
         """Forget a glyph's session and stop its kernel; ``reason`` is told at the glyph's next run.

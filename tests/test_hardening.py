@@ -210,3 +210,96 @@ def test_http_evaluate_of_a_huge_value_is_refused_with_its_size(provider):
     )
     answer = json.loads(response.body)
     assert answer["error"].startswith("ValueError: EEE") and CUT in answer["error"] and len(response.body) < 100_000
+
+
+# ------------------------------------------------------------------ the smaller ones (point 11)
+
+
+@pytest.mark.parametrize("expr", ["0)), 5, ((0", "0)) if True else ((0", "1\n)), print('injected'), ((0"])
+def test_http_evaluate_cannot_break_out_of_its_expression(provider, expr):
+    g = glyph()
+    status, _, answer = http(provider, "POST", "/evaluate", {"expr": expr, "glyph_id": g})
+    assert status == 200 and answer["success"] is False and answer["result"] is None
+    assert answer["error"].startswith("SyntaxError"), answer
+    assert provider.run("1 + 1", g)["result"] == "2"
+
+
+def test_http_evaluate_after_a_custom_text_plain_formatter_answers_clearly(provider):
+    g = glyph()
+    formatter = "get_ipython().display_formatter.formatters['text/plain'].for_type(str, lambda o, p, c: p.text('hi'))"
+    assert provider.run(formatter, g)["success"]
+    status, _, answer = http(provider, "POST", "/evaluate", {"expr": "[1, 2]", "glyph_id": g})
+    assert status == 200 and answer["success"] is False
+    assert answer["error"].startswith("EvaluationError:") and "formatter" in answer["error"]
+    assert provider.run("len('abc')", g)["result"] == "3"  # the glyph goes on
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ('print("\\ud800x")', "\ufffdx\n"),
+        ('import sys; sys.stderr.write("e\\udfff\\n")', "e\ufffd\n"),
+    ],
+)
+def test_lone_surrogates_from_the_kernel_keep_the_text(provider, code, expected):
+    result = provider.run(code, glyph())
+    assert result["success"], result["error"]
+    assert expected in (result["stdout"] + result["stderr"]), result
+    assert "UnicodeEncodeError" not in result["stderr"]
+
+
+def test_a_lone_surrogate_in_a_display_keeps_the_display(provider):
+    result = provider.run('display({"text/plain": "q\\ud800"}, raw=True)', glyph())
+    assert result["success"], result["error"]
+    assert result["outputs"][0]["data"]["text/plain"] == "q\ufffd"
+
+
+@pytest.mark.parametrize("glyph_id", [[], 0, False, {}, 1.5])
+def test_execute_job_refuses_a_glyph_id_that_is_not_a_string(provider, glyph_id):
+    payload = json.dumps({"code": "1", "glyph_id": glyph_id}).encode()
+    request = domain_pb2.ExecuteJobRequest(handler_name="python.script", payload=payload)
+    response = provider.domain.ExecuteJob(request, timeout=RPC_TIMEOUT)
+    assert not response.success and not response.result
+    assert "`glyph_id` in the job payload must be a string" in response.error
+    one_sentence(response.error)
+
+
+# Runs cut by Shutdown at different points: while printing, while sleeping, just before the end.
+SHUTDOWN_CASES = [
+    ("import time\nfor i in range(500): print(i, flush=True); time.sleep(0.01)", 0.5),
+    ("import time; time.sleep(5)", 0.05),
+    ("import time; time.sleep(0.2)", 0.2),
+    ("import time\nfor i in range(500): print(i, flush=True); time.sleep(0.01)", 0.01),
+] * 3
+
+
+def test_shutdown_during_an_execute_answers_clearly(fresh_provider):
+    import threading
+    import time
+
+    answers = []
+    for code, delay in SHUTDOWN_CASES:
+        plugin = fresh_provider()
+        assert plugin.run("1", "g")["success"]  # the glyph's kernel is up
+        answer = {}
+
+        def execute(plugin=plugin, answer=answer, code=code):
+            try:
+                answer["result"] = plugin.execute(code, "g")
+            except grpc.RpcError as exc:
+                answer["error"] = (exc.code(), exc.details())
+
+        caller = threading.Thread(target=execute)
+        caller.start()
+        time.sleep(delay)
+        plugin.domain.Shutdown(domain_pb2.Empty(), timeout=RPC_TIMEOUT)
+        caller.join()
+        assert plugin.process.wait(timeout=60) == 0
+        answers.append(answer)
+    for answer in answers:
+        if "error" in answer:
+            code, details = answer["error"]
+            assert code == grpc.StatusCode.UNAVAILABLE, answer
+            assert details.startswith("the provider shut down while this code was running"), details
+        else:
+            assert answer["result"].success  # it finished before the Shutdown
