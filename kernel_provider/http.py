@@ -201,9 +201,20 @@ def read_evaluation(shown: Any) -> dict[str, Any]:
     return {"success": True, "error": None, "result": decoded.get("json", decoded.get("text"))}
 
 
+# Entries GET /kernels lists at most (about 700 bytes each with a 256-character glyph id);
+# past it, the most recently active, with `truncated` set and `total` saying how many there are.
+MAX_LISTED_KERNELS = 1000
+
+
 async def list_kernels(provider: Provider, params: Params, body: Body) -> Reply:
+    sessions = list(provider.sessions.sessions.values())
+    listed = sessions
+    if len(sessions) > MAX_LISTED_KERNELS:
+        listed = sorted(sessions, key=lambda s: s.last_activity, reverse=True)[:MAX_LISTED_KERNELS]
     return 200, {
-        "kernels": [session.info() for session in provider.sessions.sessions.values()],
+        "kernels": [session.info() for session in listed],
+        "total": len(sessions),
+        "truncated": len(listed) < len(sessions),
         # Runs without a glyph (QNTX's watcher actions) share runner kernels: how many, and the queue.
         "watcher_runs": provider.sessions.watchers.status(),
     }

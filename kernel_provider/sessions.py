@@ -110,6 +110,7 @@ class KernelSession:
         self.actor = actor or f"glyph:{glyph_id}"
         self.memory_limit_mb = memory_limit_mb
         self.lock = asyncio.Lock()
+        self.callers = 0  # runs asked for and not yet answered, queued ones included
         self.last_activity = time.time()
         self.busy = False
         # Set while the kernel is running this glyph's code: ipykernel ignores an interrupt
@@ -136,11 +137,14 @@ class KernelSession:
         # (a cancelled stream or call) cannot release the lock before the kernel is back
         # at rest: cancelling the caller cancels the task, which winds the kernel down.
         task = asyncio.ensure_future(self._run_serialized(request))
+        self.callers += 1
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.cancel()
             raise
+        finally:
+            self.callers -= 1
 
     async def _run_serialized(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
         async with self.lock:
@@ -447,7 +451,11 @@ class SessionManager:
             # The glyph's directive changed: its old kernel cannot run the new environment.
             await self._retire(session)
             notice = f"glyph moved from kernelspec {session.kernel_name!r} to {kernel_name!r}; its state was reset."
-        result = await self._session(glyph_id, kernel_name).run(request)
+        session = self._session(glyph_id, kernel_name)
+        try:
+            result = await session.run(request)
+        finally:
+            self._forget_if_kernelless(session)
         if notice:
             result.add_notice(notice)
         return result
@@ -465,7 +473,11 @@ class SessionManager:
             user_expressions={"value": expression},
         )
         if glyph_id:
-            result, answers = await self._session(glyph_id).run_with_expressions(request)
+            session = self._session(glyph_id)
+            try:
+                result, answers = await session.run_with_expressions(request)
+            finally:
+                self._forget_if_kernelless(session)
         else:
             result, answers = await self._run_once(request, self.settings.kernel)
         return result, answers.get("value", {})
@@ -500,9 +512,7 @@ class SessionManager:
         if self.sessions.get(glyph_id) is session:
             del self.sessions[glyph_id]
             if reason:
-                self._reset_reasons[glyph_id] = reason
-                while len(self._reset_reasons) > MAX_REMEMBERED_RESETS:
-                    self._reset_reasons.pop(next(iter(self._reset_reasons)))
+                self._remember_reset(glyph_id, reason)
         stopping = asyncio.ensure_future(session.stop())
         self._retiring[glyph_id] = stopping
         try:
@@ -510,6 +520,25 @@ class SessionManager:
         finally:
             if self._retiring.get(glyph_id) is stopping:
                 del self._retiring[glyph_id]
+
+    def _forget_if_kernelless(self, session: KernelSession) -> None:
+        """Drop a glyph whose run left it without a kernel and with nothing queued.
+
+        A run refused at the ceiling, or whose kernel would not start, leaves such a
+        session behind; without this every new glyph id tried at the ceiling would stay
+        in the table forever. A glyph that had a kernel is told at its next run.
+        """
+        if session.kernel is not None or session.callers or session.lock.locked():
+            return
+        if self.sessions.get(session.glyph_id) is session:
+            del self.sessions[session.glyph_id]
+            if session.kernel_id is not None:
+                self._remember_reset(session.glyph_id, "its kernel had stopped")
+
+    def _remember_reset(self, glyph_id: str, reason: str) -> None:
+        self._reset_reasons[glyph_id] = reason
+        while len(self._reset_reasons) > MAX_REMEMBERED_RESETS:
+            self._reset_reasons.pop(next(iter(self._reset_reasons)))
 
     def _idle_sessions(self) -> list[KernelSession]:
         """Glyph kernels nobody is using or waiting for, least recently used first."""

@@ -303,3 +303,67 @@ def test_shutdown_during_an_execute_answers_clearly(fresh_provider):
             assert details.startswith("the provider shut down while this code was running"), details
         else:
             assert answer["result"].success  # it finished before the Shutdown
+
+
+# ------------------------------------------------------------------ bounded tables (point 10)
+
+
+def test_glyph_ids_refused_at_the_ceiling_do_not_stay_in_the_session_table(fresh_provider):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kernel_provider.proto import python_pb2
+
+    plugin = fresh_provider("--max-kernels", "1")
+    holder = glyph("holder")
+    assert plugin.run("kept = 'yes'", holder)["success"]
+    busy = threading.Thread(target=lambda: plugin.execute("import time; time.sleep(120)", holder))
+    busy.start()
+    try:
+        # Every kernel slot is busy: each new glyph id waits out its short deadline and is refused.
+        def attack(i: int) -> str:
+            request = python_pb2.PythonExecuteRequest(code="1", glyph_id=f"flood-{i}-{uuid.uuid4().hex}")
+            try:
+                response = plugin.python.Execute(request, timeout=2)
+            except grpc.RpcError as exc:
+                return exc.code().name
+            return "CapacityError" if response.error.startswith("CapacityError") else response.error
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(attack, range(400)))
+        assert set(outcomes) <= {"CapacityError", "DEADLINE_EXCEEDED"}, set(outcomes)
+        assert "CapacityError" in outcomes
+        status, _, listing = http(plugin, "GET", "/kernels")
+        assert status == 200 and listing["total"] == 1 and not listing["truncated"]
+        assert [k["glyph_id"] for k in listing["kernels"]] == [holder]
+        assert json.loads(plugin.health().details["glyph_kernelspecs"]) == {holder: "python3"}
+    finally:
+        http(plugin, "POST", f"/kernels/{holder}/interrupt")
+        busy.join()
+    assert plugin.run("kept", holder)["result"] == "'yes'"
+    # A new glyph gets the slot once it is free; nothing of the flood is left to evict.
+    assert http(plugin, "DELETE", f"/kernels/{holder}")[0] == 200
+    assert plugin.run("1 + 1", glyph())["result"] == "2"
+
+
+def test_get_kernels_is_capped_with_a_marker(tmp_path):
+    import asyncio
+
+    from kernel_provider import http as routes
+    from kernel_provider.config import Settings
+    from kernel_provider.provider import Provider
+
+    async def listing_of(count: int) -> tuple[int, dict]:
+        provider = Provider(Settings(connection_dir=tmp_path))
+        for i in range(count):
+            # Sessions waiting for a kernel: the table holds them without starting any.
+            provider.sessions._session(f"{i:05d}" + "g" * 250)
+        response = await routes.dispatch(provider, "GET", "/kernels", b"")
+        return len(response.body), json.loads(response.body)
+
+    size, answer = asyncio.run(listing_of(6000))
+    assert size < GRPC_LIMIT
+    assert answer["total"] == 6000 and answer["truncated"] is True
+    assert len(answer["kernels"]) == routes.MAX_LISTED_KERNELS
+    size, answer = asyncio.run(listing_of(3))
+    assert answer["total"] == 3 and answer["truncated"] is False and len(answer["kernels"]) == 3
