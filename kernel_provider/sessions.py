@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel_provider import prelude
-from kernel_provider.config import Settings, ensure_private_dir
+from kernel_provider.config import Settings
+from kernel_provider.connection_dir import claim_connection_dir
 from kernel_provider.execution import (
     INTERRUPT_GRACE_SECONDS,
     InterruptFailed,
@@ -256,7 +257,7 @@ class KernelSession:
             self.execution_count = outcome.execution_count
         return result, outcome.user_expressions
 
-    def _raise_if_stopped_under_run(self, kernel: StartedKernel) -> None:
+    def _raise_if_stopped_under_run(self, kernel: Kernel) -> None:
         """A run whose kernel was stopped from under it (shutdown does that) ends as ProviderClosing.
 
         Its connection is closed then, so the run fails in some way (a closed connection,
@@ -398,12 +399,13 @@ class SessionManager:
 
     async def start(self) -> None:
         """Clean what a killed predecessor left, warm the pool, and start culling idle kernels."""
-        ensure_private_dir(self.connection_dir)
-        removed = sum(
-            clean_stale_files(folder)
-            for folder in (self.connection_dir, self.supply.pool_dir, self.supply.runner_dir)
-            if folder is not None and folder.is_dir()
-        )
+        claim_connection_dir(self.connection_dir, default=self.settings.connection_dir is None)
+        for folder in (self.supply.pool_dir, self.supply.runner_dir):
+            if folder is not None and folder.is_dir():
+                claim_connection_dir(folder)
+        # One pass over the folder and its subfolders: a pooled kernel's sockets stay in the
+        # pool folder after its connection file moved up to the glyph's name.
+        removed = clean_stale_files(self.connection_dir)
         if removed:
             log.info("removed %d stale connection files from %s", removed, self.connection_dir)
         self._apply_lifecycle_settings()

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from fake_ats import FakeATSStore
 
-from conftest import RPC_TIMEOUT, http
+from conftest import RPC_TIMEOUT, http, launch
 from kernel_provider.proto import domain_pb2
 
 TOKEN = "first-token"
@@ -367,3 +367,120 @@ def test_get_kernels_is_capped_with_a_marker(tmp_path):
     assert len(answer["kernels"]) == routes.MAX_LISTED_KERNELS
     size, answer = asyncio.run(listing_of(3))
     assert answer["total"] == 3 and answer["truncated"] is False and len(answer["kernels"]) == 3
+
+
+# ------------------------------------------------------------------ the connection folder is ours (point 8)
+
+
+def start_refused(connection_dir) -> str:
+    """Launch on ``connection_dir`` expecting a refusal: exit status 2, no port line; the stderr."""
+    import subprocess
+
+    from conftest import PLUGIN_EXECUTABLE
+
+    process = subprocess.run(
+        [str(PLUGIN_EXECUTABLE), "--port", "0", "--pool-size", "0", "--connection-dir", str(connection_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 2, (process.returncode, process.stderr)
+    assert process.stdout == ""
+    return process.stderr
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` with its content, and each folder's mode."""
+    import stat
+
+    found = {}
+    for path in sorted([folder, *folder.rglob("*")]):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        found[str(path)] = (mode, path.read_bytes() if path.is_file() else None)
+    return found
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_as_it_was(tmp_path):
+    shared = tmp_path / "jupyter-runtime"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    # Another program's kernels and notes, as a Jupyter runtime folder holds them.
+    other = {"shell_port": 1, "transport": "ipc", "ip": str(tmp_path / "victim" / "sock"), "key": "k"}
+    (shared / "kernel-1234abcd.json").write_text(json.dumps(other))
+    (shared / "notes.txt").write_text("mine")
+    before = snapshot(shared)
+    stderr = start_refused(shared)
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("kernel_provider: the connection folder") and "did not write" in line, stderr
+    assert snapshot(shared) == before  # not chmodded, nothing deleted, no marker left
+
+
+def test_an_empty_folder_is_adopted_without_a_chmod(tmp_path):
+    import stat
+
+    def permissions() -> int:
+        # jupyter_client itself adds the sticky bit (+t, only owners may delete) to the folder of
+        # every connection file it writes, ours or not; the access bits are what a chmod 0700 took.
+        return stat.S_IMODE(folder.stat().st_mode) & 0o777
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    folder.chmod(0o750)
+    plugin = launch(folder, "--pool-size", "0")
+    try:
+        assert plugin.run("1 + 1", "g")["result"] == "2"
+        assert permissions() == 0o750
+    finally:
+        assert plugin.stop() == 0
+    # The next start finds a folder of its own.
+    again = launch(folder, "--pool-size", "0")
+    assert again.run("2 + 2", "g")["result"] == "4"
+    assert again.stop() == 0
+    assert permissions() == 0o750
+
+
+def test_a_planted_connection_file_cannot_make_the_provider_delete_outside_its_folder(tmp_path):
+    folder = tmp_path / "conn"
+    plugin = launch(folder, "--pool-size", "0")
+    assert plugin.run("1", "g")["success"]
+    assert plugin.stop() == 0
+    # Files outside, named as a stale ipc socket base would be, and a planted stale file pointing at them.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("data-1", "data-2", "ipc-0123456789ab-5"):
+        (victim / name).write_text("precious")
+    planted = {"transport": "ipc", "ip": str(victim / "data"), "kernel_provider": {"provider_pid": 999_999_999}}
+    (folder / "kernel-planted.json").write_text(json.dumps(planted))
+    planted_ours = {**planted, "ip": str(victim / "ipc-0123456789ab")}
+    (folder / "kernel-planted2.json").write_text(json.dumps(planted_ours))
+    # Someone else's file in our own folder is not ours to delete either.
+    (folder / "kernel-foreign.json").write_text(json.dumps({"transport": "tcp", "ip": "127.0.0.1"}))
+    again = launch(folder, "--pool-size", "0")
+    try:
+        assert again.run("2", "g")["result"] == "2"
+    finally:
+        assert again.stop() == 0
+    assert sorted(p.name for p in victim.iterdir()) == ["data-1", "data-2", "ipc-0123456789ab-5"]
+    assert all(p.read_text() == "precious" for p in victim.iterdir())
+    assert (folder / "kernel-foreign.json").exists()
+    assert not (folder / "kernel-planted.json").exists()  # labelled as ours and stale: cleaned
+
+
+def test_a_folder_holding_only_our_files_and_subfolders_is_adopted(tmp_path):
+    from kernel_provider.connection_dir import ConnectionDirError, claim_connection_dir
+
+    folder = tmp_path / "conn"
+    claim_connection_dir(folder)
+    claim_connection_dir(folder / "pool")  # a subfolder we created
+    (folder / ".kernel_provider").unlink()  # as an older provider would have left it: no marker
+    (folder / "kernel-g.json").write_text(json.dumps({"kernel_provider": {"plugin": "python"}}))
+    assert claim_connection_dir(folder) == folder
+    (folder / ".kernel_provider").unlink()
+    (folder / "stranger").mkdir()  # a subfolder we did not create
+    with pytest.raises(ConnectionDirError, match="'stranger', which this provider did not write"):
+        claim_connection_dir(folder)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(ConnectionDirError, match="is not a folder"):
+        claim_connection_dir(tmp_path / "link")
