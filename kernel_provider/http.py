@@ -360,7 +360,12 @@ async def dispatch(provider: Provider, method: str, raw_path: str, body: bytes) 
         for route, match in matching:
             if route.method == method.upper():
                 status, payload = await route.handler(provider, match.groupdict(), parse_body(body))
-                return json_response(status, payload)
+                response = json_response(status, payload)
+                if len(response.body) > ANSWER_BUDGET_BYTES:
+                    # Each route bounds its own answer; this only keeps a missed case from failing the call.
+                    log.error("%s %s answered %d bytes; refusing to send it", method, shown(path), len(response.body))
+                    raise HTTPError(500, f"the answer was {len(response.body)} bytes, over the 4 MB limit.")
+                return response
         allowed = ", ".join(sorted({route.method for route, _ in matching}))
         raise HTTPError(405, f"{shown(method)} is not allowed on {shown(path)}; use {allowed}.", {"Allow": allowed})
     except HTTPError as exc:
