@@ -31,22 +31,30 @@ class ConnectionDirError(Exception):
     """The folder is not ours to use; the message is one sentence for a person."""
 
 
-def claim_connection_dir(path: Path) -> Path:
+def claim_connection_dir(path: Path, *, default: bool = False) -> Path:
     """Make ``path`` the provider's folder: create it (mode 0700), or adopt it if it is ours or empty.
 
     A folder we created is kept private (0700). One we did not create is adopted only when it
     is empty or holds nothing but files we wrote, and is never chmodded. Raises
-    ConnectionDirError otherwise. Subfolders are claimed the same way.
+    ConnectionDirError otherwise. Subfolders (the warm pool's, ...) are claimed the same way.
+    The ``default`` folder (<jupyter runtime dir>/kernel_provider/NAME) is ours by its name:
+    only this program uses it, and a provider from before markers left it unmarked.
     """
     if not path.exists():
         try:
             path.mkdir(parents=True, mode=0o700)
-            _write_marker(path, created=True)
         except FileExistsError:
-            pass  # another provider claimed it at the same moment: judged below like any folder
+            pass  # another provider made it at the same moment: judged below like any folder
+        else:
+            _write_marker(path, created=True)
     if path.is_symlink() or not path.is_dir():
         raise ConnectionDirError(f"the connection folder {path} is not a folder; give one of its own.")
     marker = read_marker(path)
+    if marker is None and (default or (read_marker(path.parent) or {}).get("created") is True):
+        # Inside a private folder we created, only we could have made it (an older provider's
+        # subfolder, from before markers): ours.
+        _write_marker(path, created=True)
+        marker = {"created": True}
     if marker is None:
         stranger = next((entry for entry in path.iterdir() if not is_ours(entry)), None)
         if stranger is not None:
@@ -54,10 +62,7 @@ def claim_connection_dir(path: Path) -> Path:
                 f"the connection folder {path} holds {stranger.name!r}, which this provider did not write; "
                 "give it an empty folder or one of its own."
             )
-        try:
-            _write_marker(path, created=False)
-        except FileExistsError:
-            pass
+        _write_marker(path, created=False)
         marker = read_marker(path) or {"created": False}
     if marker.get("created") is True and stat.S_IMODE(path.stat().st_mode) != 0o700:
         os.chmod(path, 0o700)
@@ -77,7 +82,10 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_marker(folder: Path, *, created: bool) -> None:
-    fd = os.open(folder / MARKER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(folder / MARKER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return  # another provider marked it at the same moment
     with os.fdopen(fd, "w") as handle:
         json.dump({LABEL_KEY: "connection folder", "created": created}, handle)
 

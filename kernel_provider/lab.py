@@ -264,7 +264,9 @@ def lab_command(args: argparse.Namespace) -> int:
     if args.gateway_url:
         return lab_on_gateway(LabApp, args)
     try:
-        connection_dir = claim_connection_dir((args.connection_dir or default_connection_dir(args.name)).resolve())
+        connection_dir = claim_connection_dir(
+            (args.connection_dir or default_connection_dir(args.name)).resolve(), default=args.connection_dir is None
+        )
     except ConnectionDirError as exc:
         print(f"kernel-provider: {exc}", file=sys.stderr)
         return 2
