@@ -182,10 +182,10 @@ def as_json_expression(expression: str) -> str:
     )
 
 
-def read_evaluation(shown: Any) -> dict[str, Any]:
+def read_evaluation(text_plain: Any) -> dict[str, Any]:
     """The fields of /evaluate's answer from the kernel's text/plain of our wrapper's JSON string."""
     try:
-        decoded = json.loads(ast.literal_eval(shown))
+        decoded = json.loads(ast.literal_eval(text_plain))
         if not isinstance(decoded, dict) or not decoded.keys() & {"json", "text", "too_large"}:
             raise ValueError(decoded)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
