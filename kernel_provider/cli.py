@@ -211,6 +211,7 @@ def setup_logging(level: str) -> None:
 
 
 def run_server(settings: Settings) -> int:
+    from kernel_provider.connection_dir import ConnectionDirError
     from kernel_provider.provider import check_kernelspecs
     from kernel_provider.server import BindError, serve
 
@@ -240,7 +241,7 @@ def run_server(settings: Settings) -> int:
     except BindError as exc:
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 1
-    except ConfigError as exc:  # a gateway's state folder we may not use
+    except (ConfigError, ConnectionDirError) as exc:  # a state or connection folder we may not use
         print(f"kernel_provider: {exc}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,7 @@ from kernel_provider.kernels import kernel_interpreter
 from kernel_provider.notebook import notebook_of
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import BadRequest, decode_upstream, load_json, validate_code, validate_glyph_id
+from kernel_provider.results import ANSWER_BUDGET_BYTES, cut_text, fit_result
 from kernel_provider.sessions import ProviderClosing
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ class Response:
 def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace")
     return Response(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """A request's own text as an error message repeats it: never more than ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # --- request parsing -------------------------------------------------------------------------
@@ -137,7 +143,7 @@ async def execute(provider: Provider, params: Params, body: Body) -> Reply:
         raise HTTPError(400, str(exc)) from None
     run = provider.run_request(code, upstream_from(body), timeout_from(body))
     result = await provider.sessions.execute(glyph_from(body), run)
-    return 200, result.to_dict()
+    return 200, fit_result(result).to_dict()
 
 
 async def evaluate(provider: Provider, params: Params, body: Body) -> Reply:
@@ -149,31 +155,69 @@ async def evaluate(provider: Provider, params: Params, body: Body) -> Reply:
     )
     answer = {"success": False, "result": None, "error": result.error, "duration_ms": result.duration_ms}
     if bundle.get("status") == "error":
-        answer["error"] = f"{bundle.get('ename')}: {bundle.get('evalue')}"
+        answer["error"] = cut_text(f"{bundle.get('ename')}: {bundle.get('evalue')}", MAX_EVALUATE_ERROR_BYTES)
     elif bundle.get("status") == "ok":
-        decoded = json.loads(ast.literal_eval(bundle["data"]["text/plain"]))
-        answer.update(success=True, error=None, result=decoded.get("json", decoded.get("text")))
+        answer.update(read_evaluation(bundle.get("data", {}).get("text/plain")))
     return 200, answer
+
+
+# The JSON of an evaluated value that an answer may carry, with room for the rest of the answer.
+MAX_EVALUATE_VALUE_BYTES = ANSWER_BUDGET_BYTES - 64 * 1024
+MAX_EVALUATE_ERROR_BYTES = 64 * 1024
 
 
 def as_json_expression(expression: str) -> str:
     """Wrap ``expression`` so the kernel answers with JSON: {"json": value} or, if not JSON-able, {"text": repr}.
 
-    One expression (Jupyter's user_expressions take no statements); the value is
-    computed once, and an object json cannot encode, even deep inside, turns the
-    whole answer into its text.
+    One expression (Jupyter's user_expressions take no statements): the kernel compiles
+    it from a string literal in 'eval' mode, so nothing in it can close our wrapper's
+    brackets. The value is computed once; an object json cannot encode, even deep
+    inside, turns the whole answer into its text; an answer too large for the 4 MB
+    limit becomes {"too_large": its size} and never leaves the kernel.
     """
     return (
         "(lambda value, json=__import__('json'), unencodable=[]: "
-        "(lambda encoded: json.dumps({'text': repr(value)}) if unencodable else encoded)"
-        "(json.dumps({'json': value}, allow_nan=False, default=lambda o: unencodable.append(o))))"
-        f"(({expression}\n))"
+        f"(lambda encoded: encoded if len(encoded) <= {MAX_EVALUATE_VALUE_BYTES} "
+        "else json.dumps({'too_large': len(encoded)}))"
+        "((lambda encoded: json.dumps({'text': repr(value)}) if unencodable else encoded)"
+        "(json.dumps({'json': value}, allow_nan=False, default=lambda o: unencodable.append(o)))))"
+        f"(eval(compile({expression!r}, '<expr>', 'eval'), __import__('builtins').globals()))"
     )
 
 
+def read_evaluation(text_plain: Any) -> dict[str, Any]:
+    """The fields of /evaluate's answer from the kernel's text/plain of our wrapper's JSON string."""
+    try:
+        decoded = json.loads(ast.literal_eval(text_plain))
+        if not isinstance(decoded, dict) or not decoded.keys() & {"json", "text", "too_large"}:
+            raise ValueError(decoded)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return {
+            "error": "EvaluationError: the kernel did not show the value as plain JSON text; a custom text/plain "
+            "formatter for str in this kernel is the likely cause."
+        }
+    if "too_large" in decoded:
+        return {
+            "error": f"ValueTooLarge: the value is {decoded['too_large']} bytes as JSON, more than the "
+            f"{MAX_EVALUATE_VALUE_BYTES} an answer may carry; evaluate a smaller part of it."
+        }
+    return {"success": True, "error": None, "result": decoded.get("json", decoded.get("text"))}
+
+
+# Entries GET /kernels lists at most (about 700 bytes each with a 256-character glyph id);
+# past it, the most recently active, with `truncated` set and `total` saying how many there are.
+MAX_LISTED_KERNELS = 1000
+
+
 async def list_kernels(provider: Provider, params: Params, body: Body) -> Reply:
+    sessions = list(provider.sessions.sessions.values())
+    listed = sessions
+    if len(sessions) > MAX_LISTED_KERNELS:
+        listed = sorted(sessions, key=lambda s: s.last_activity, reverse=True)[:MAX_LISTED_KERNELS]
     return 200, {
-        "kernels": [session.info() for session in provider.sessions.sessions.values()],
+        "kernels": [session.info() for session in listed],
+        "total": len(sessions),
+        "truncated": len(listed) < len(sessions),
         # Runs without a glyph (QNTX's watcher actions) share runner kernels: how many, and the queue.
         "watcher_runs": provider.sessions.watchers.status(),
     }
@@ -183,7 +227,7 @@ def session_or_404(provider: Provider, params: dict[str, str]):
     glyph_id = unquote(params["glyph_id"])
     session = provider.sessions.sessions.get(glyph_id)
     if session is None:
-        raise HTTPError(404, f"no live kernel for glyph {glyph_id!r}.")
+        raise HTTPError(404, f"no live kernel for glyph {shown(glyph_id)!r}.")
     return session
 
 
@@ -379,15 +423,20 @@ async def dispatch(
     matching = [(route, m) for route in ROUTES if (m := route.pattern.match(path))]
     try:
         if not matching:
-            raise HTTPError(404, f"no route {path}; see Initialize's http_routes for the ones there are.")
+            raise HTTPError(404, f"no route {shown(path)}; see Initialize's http_routes for the ones there are.")
         for route, match in matching:
             if route.method == method.upper():
                 reply = await route.handler(provider, match.groupdict(), parse_body(body))
-                if isinstance(reply, Response):
+                if isinstance(reply, Response):  # a file (the glyph's assets), not JSON
                     return not_modified(reply, headers or {})
-                return json_response(*reply)
+                response = json_response(*reply)
+                if len(response.body) > ANSWER_BUDGET_BYTES:
+                    # Each route bounds its own answer; this only keeps a missed case from failing the call.
+                    log.error("%s %s answered %d bytes; refusing to send it", method, shown(path), len(response.body))
+                    raise HTTPError(500, f"the answer was {len(response.body)} bytes, over the 4 MB limit.")
+                return response
         allowed = ", ".join(sorted({route.method for route, _ in matching}))
-        raise HTTPError(405, f"{method} is not allowed on {path}; use {allowed}.", {"Allow": allowed})
+        raise HTTPError(405, f"{shown(method)} is not allowed on {shown(path)}; use {allowed}.", {"Allow": allowed})
     except HTTPError as exc:
         return json_response(exc.status, {"error": str(exc)}, exc.headers)
     except ProviderClosing as exc:

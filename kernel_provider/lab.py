@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kernel_provider.config import Settings, ensure_private_dir
+from kernel_provider.config import Settings
+from kernel_provider.connection_dir import ConnectionDirError, claim_connection_dir
 
 DEFAULT_LAB_PORT = 8888
 INSTALL_HINT = (
@@ -262,7 +263,13 @@ def lab_command(args: argparse.Namespace) -> int:
 
     if args.gateway_url:
         return lab_on_gateway(LabApp, args)
-    connection_dir = ensure_private_dir((args.connection_dir or default_connection_dir(args.name)).resolve())
+    try:
+        connection_dir = claim_connection_dir(
+            (args.connection_dir or default_connection_dir(args.name)).resolve(), default=args.connection_dir is None
+        )
+    except ConnectionDirError as exc:
+        print(f"kernel-provider: {exc}", file=sys.stderr)
+        return 2
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(32)
     argv = lab_argv(connection_dir, args.port, token, open_browser=not args.no_browser)
     server = LabApp.initialize_server(argv=argv, kernel_manager_class=glyph_kernel_manager_class())

@@ -39,12 +39,17 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
         )
 
     async def Initialize(self, request, context):
+        if not self.provider.may_set_store_credentials(request.ats_store_endpoint, request.auth_token):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "this plugin is already initialized: changing ats_store_endpoint or auth_token "
+                "needs the auth_token of the first Initialize.",
+            )
         try:
             await self.provider.apply_config(dict(request.config))
         except ConfigError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.provider.ats_store_endpoint = request.ats_store_endpoint
-        self.provider.auth_token = request.auth_token
+        self.provider.set_store_credentials(request.ats_store_endpoint, request.auth_token)
         settings = self.provider.settings
         log.info(
             "initialized: kernelspec %s, execute timeout %gs, output limit %d bytes",

@@ -57,6 +57,37 @@ def _kernel_provider_setup(memory_limit_mb=None):
 
     kernel.raw_input = no_input
     kernel.getpass = no_input
+    _keep_lone_surrogates(ip)
+
+
+def _keep_lone_surrogates(ip):
+    """print("\\ud800x") must not lose the output: send U+FFFD where a lone surrogate was.
+
+    jupyter_client's packer cannot encode a lone surrogate as UTF-8, so ipykernel drops
+    the whole message (and logs a traceback to stderr); such a message is sent again
+    with each lone surrogate replaced.
+    """
+    import json
+    import re
+    import sys
+
+    from jupyter_client.jsonutil import json_default
+
+    surrogate = re.compile("[\\ud800-\\udfff]")
+
+    def wrap(pack):
+        def pack_keeping_text(obj):
+            try:
+                return pack(obj)
+            except UnicodeEncodeError:
+                text = json.dumps(obj, default=json_default, ensure_ascii=False, allow_nan=False)
+                return surrogate.sub("\ufffd", text).encode("utf-8")
+
+        return pack_keeping_text
+
+    sessions = (ip.kernel.session, getattr(sys.stdout, "session", None), ip.display_pub.session)
+    for session in {id(s): s for s in sessions if s is not None}.values():
+        session.pack = wrap(session.pack)
 
 
 def _quiet_pipe(kernel):
@@ -98,7 +129,7 @@ def _install_reset(ip, functions):
     ip.user_ns.update(upstream=None, __glyph_id__="")
     # What a run starts from: the namespace as IPython and the prelude made it. In, Out, _oh
     # and _ih in it are IPython's own history containers, emptied in place below.
-    prelude_names = {"_kernel_provider_setup", "_install_reset", "_attestation_functions"}  # deleted after set-up
+    prelude_names = {"_kernel_provider_setup", "_install_reset", "_attestation_functions", "_keep_lone_surrogates"}
     baseline = {name: value for name, value in ip.user_ns.items() if name not in prelude_names}
     history, displayhook = ip.history_manager, ip.displayhook
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import statistics
 from collections import deque
@@ -87,6 +88,7 @@ class Provider:
         # Where attest() and last() reach QNTX's attestation store; set by Initialize.
         self.ats_store_endpoint = ""
         self.auth_token = ""
+        self._store_credentials_set = False
         # Serves the attest() and last() of every glyph kernel; see attestations.py.
         self.attestations = AttestationService(self.store_address)
         self.sessions = SessionManager(settings, self.attestations)
@@ -94,6 +96,21 @@ class Provider:
 
     def store_address(self) -> StoreAddress:
         return StoreAddress(self.ats_store_endpoint, self.auth_token, self.settings.name, self.version)
+
+    def may_set_store_credentials(self, endpoint: str, token: str) -> bool:
+        """Whether an Initialize may set this ATS endpoint and token.
+
+        The first Initialize fixes them. A later one may repeat them, or move the endpoint
+        when it carries the first's (non-empty) token; anyone else who can reach our port
+        (a glyph, a local process) must not redirect every glyph's attest() to their store.
+        """
+        if not self._store_credentials_set or (endpoint, token) == (self.ats_store_endpoint, self.auth_token):
+            return True
+        return bool(self.auth_token) and hmac.compare_digest(token.encode("utf-8"), self.auth_token.encode("utf-8"))
+
+    def set_store_credentials(self, endpoint: str, token: str) -> None:
+        self.ats_store_endpoint, self.auth_token = endpoint, token
+        self._store_credentials_set = True
 
     async def apply_config(self, config: dict[str, str]) -> None:
         settings = self.base_settings.with_config(config)

@@ -12,10 +12,9 @@ from typing import Any
 
 import grpc
 
-from kernel_provider.config import GRPC_MESSAGE_LIMIT
 from kernel_provider.proto import python_pb2, python_pb2_grpc
 from kernel_provider.provider import Provider
-from kernel_provider.results import ExecutionResult
+from kernel_provider.results import ExecutionResult, fit_result
 from kernel_provider.sessions import ProviderClosing, RunRequest, SessionManager
 
 log = logging.getLogger(__name__)
@@ -23,8 +22,6 @@ log = logging.getLogger(__name__)
 MAX_GLYPH_ID_LENGTH = 256
 # Time kept back from a gRPC deadline so that the interrupted run can still be answered.
 DEADLINE_MARGIN_SECONDS = 0.5
-# Room kept under the 4 MB ceiling for the message framing and the fields we do not cut.
-RESPONSE_SLACK_BYTES = 64 * 1024
 
 
 class BadRequest(ValueError):
@@ -109,33 +106,15 @@ async def stream_run(
 
 
 def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
-    """Build the wire answer, keeping it under gRPC's 4 MB default whatever the kernel printed."""
-    response = python_pb2.PythonExecuteResponse(
+    """Build the wire answer, keeping it under gRPC's 4 MB default whatever the kernel said."""
+    # stdout and the error text travel twice: in their own fields and inside `result`.
+    result = fit_result(result, sent_again={"stdout": 1, "error": 1})
+    return python_pb2.PythonExecuteResponse(
         success=result.success,
         output=_valid_text(result.stdout),
         error=_valid_text(result.error or ""),
         result=result.to_json(),
     )
-    # len(result) is a cheap lower bound check first: nearly every answer is far below the limit.
-    if len(response.result) * 2 < GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
-        return response
-    if response.ByteSize() <= GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
-        return response
-    # Only text that escapes badly in JSON (control characters) gets here: drop the
-    # duplicate copy of the outputs from `result` rather than the answer itself.
-    log.warning("answer of %d bytes is over the gRPC limit; leaving the outputs out of result", response.ByteSize())
-    result.outputs = [
-        {
-            "output_type": "stream",
-            "name": "stderr",
-            "text": "[kernel_provider: outputs left out: answer too large]\n",
-        }
-    ]
-    response.result = result.to_json()
-    if response.ByteSize() > GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
-        result.stdout = result.stderr = ""
-        response.result = result.to_json()
-    return response
 
 
 def _valid_text(text: str) -> str:

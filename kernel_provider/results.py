@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from kernel_provider.config import GRPC_MESSAGE_LIMIT
+
+# What one answer may take on any surface: QNTX's 4 MB gRPC ceiling, less room for the
+# message framing, headers and the few small fields sent beside the result.
+ANSWER_BUDGET_BYTES = GRPC_MESSAGE_LIMIT - 128 * 1024
+# Strings shorter than this are never cut: cutting them would save less than the marker costs.
+_SHORTEST_CUT = 256
+_MARKER_BYTES = 128
+# The top-level texts of an ExecutionResult.
+TEXT_FIELDS = ("stdout", "stderr", "result", "error")
 
 # Tracebacks from IPython carry terminal colours; QNTX shows error text as plain text.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -85,3 +99,109 @@ def format_error(output: dict[str, Any]) -> str:
     head = f"{output.get('ename', 'Error')}: {output.get('evalue', '')}"
     traceback = strip_ansi("\n".join(output.get("traceback", [])))
     return f"{head}\n{traceback}" if traceback else head
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as our answers encode it (UTF-8 JSON, escapes included)."""
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "replace"))
+
+
+def cut_text(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` bytes of JSON, with a marker saying how much went."""
+    if json_size(text) <= max_bytes:
+        return text
+    keep = min(len(text), max_bytes)
+    while True:
+        marker = f"\n[kernel_provider: {len(text) - keep} more characters cut to fit the 4 MB answer limit]\n"
+        cut = text[:keep] + marker
+        size = json_size(cut)
+        if size <= max_bytes or keep == 0:
+            return cut
+        # Escapes (control characters take 6 bytes each) make the prefix larger than its length.
+        keep = max(0, min(keep - 1, keep * (max_bytes - json_size(marker)) // max(json_size(text[:keep]), 1)))
+
+
+def fit_result(
+    result: ExecutionResult, budget: int = ANSWER_BUDGET_BYTES, *, sent_again: Mapping[str, int] | None = None
+) -> ExecutionResult:
+    """``result``, or a copy of it cut so that its JSON fits in ``budget`` bytes.
+
+    Every surface's answer comes through here. ``sent_again`` names fields the surface
+    also sends outside the JSON, and how many more times (Execute sends stdout and error
+    again, a job its log lines), so they weigh as much as they cost. The longest texts
+    are cut first, each to the same length, each with a marker; when that is not enough
+    (a million tiny outputs) the outputs go, replaced by a note, and then the texts again.
+    """
+    weights = {name: 1 + extra for name, extra in (sent_again or {}).items()}
+
+    def size(candidate: ExecutionResult) -> int:
+        extra = sum((weight - 1) * json_size(getattr(candidate, name) or "") for name, weight in weights.items())
+        return len(candidate.to_json()) + extra
+
+    total = size(result)
+    if total <= budget:
+        return result
+    # A shallow copy: _cut_longest_texts copies each output it cuts before changing it.
+    fitted = dataclasses.replace(result, outputs=list(result.outputs))
+    for drop_outputs in (False, True):
+        if drop_outputs:
+            note = "[kernel_provider: outputs left out to fit the 4 MB answer limit]\n"
+            fitted.outputs = [{"output_type": "stream", "name": "stderr", "text": note}]
+        for _ in range(4):  # each pass measures what the cuts really saved
+            total = size(fitted)
+            if total <= budget:
+                return fitted
+            if not _cut_longest_texts(fitted, total - budget, weights):
+                break
+    fitted.outputs = []
+    fitted.stdout, fitted.stderr = "", "[kernel_provider: output left out to fit the 4 MB answer limit]\n"
+    fitted.result = None
+    fitted.error = cut_text(fitted.error or "", 64 * 1024) or None
+    return fitted
+
+
+def _cut_longest_texts(result: ExecutionResult, excess: int, weights: Mapping[str, int]) -> bool:
+    """Cut the longest strings of ``result`` to one common length so that about ``excess`` bytes go.
+
+    False when there is no string long enough to cut.
+    """
+    slots: list[tuple[Any, Any, int]] = [(result.__dict__, name, weights.get(name, 1)) for name in TEXT_FIELDS]
+    for index, output in enumerate(result.outputs):
+        if any(len(holder[key]) > _SHORTEST_CUT for holder, key in _string_slots(output)):
+            result.outputs[index] = output = copy.deepcopy(output)
+            slots += [(holder, key, 1) for holder, key in _string_slots(output)]
+    long_ones = []  # (holder, key, weight, weighted size)
+    for holder, key, weight in slots:
+        text = holder[key]
+        if isinstance(text, str) and len(text) > _SHORTEST_CUT:
+            long_ones.append((holder, key, weight, json_size(text) * weight))
+    if not long_ones:
+        return False
+
+    def freed(cap: int) -> int:
+        return sum(size - cap - _MARKER_BYTES * weight for _, _, weight, size in long_ones if size > cap)
+
+    # The common (weighted) length: the largest that frees enough once every longer text is cut to it.
+    low, high = 0, max(size for *_, size in long_ones)
+    while low < high:
+        cap = (low + high + 1) // 2
+        low, high = (cap, high) if freed(cap) >= excess else (low, cap - 1)
+    for holder, key, weight, size in long_ones:
+        if size > low:
+            holder[key] = cut_text(holder[key], low // weight)
+    return True
+
+
+def _string_slots(value: dict | list) -> list[tuple[Any, Any]]:
+    """(container, key) of every string inside nested lists and dicts."""
+    slots: list[tuple[Any, Any]] = []
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, item in items:
+            if isinstance(item, str):
+                slots.append((container, key))
+            elif isinstance(item, dict | list):
+                pending.append(item)
+    return slots

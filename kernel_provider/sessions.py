@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel_provider import prelude
-from kernel_provider.config import Settings, ensure_private_dir
+from kernel_provider.config import Settings
+from kernel_provider.connection_dir import claim_connection_dir
 from kernel_provider.execution import (
     INTERRUPT_GRACE_SECONDS,
     InterruptFailed,
@@ -111,6 +112,7 @@ class KernelSession:
         self.actor = actor or f"glyph:{glyph_id}"
         self.memory_limit_mb = memory_limit_mb
         self.lock = asyncio.Lock()
+        self.callers = 0  # runs asked for and not yet answered, queued ones included
         self.last_activity = time.time()
         self.busy = False
         # Set while the kernel is running this glyph's code: ipykernel ignores an interrupt
@@ -137,11 +139,14 @@ class KernelSession:
         # (a cancelled stream or call) cannot release the lock before the kernel is back
         # at rest: cancelling the caller cancels the task, which winds the kernel down.
         task = asyncio.ensure_future(self._run_serialized(request))
+        self.callers += 1
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.cancel()
             raise
+        finally:
+            self.callers -= 1
 
     async def _run_serialized(self, request: RunRequest) -> tuple[ExecutionResult, dict[str, Any]]:
         async with self.lock:
@@ -199,10 +204,15 @@ class KernelSession:
                 user_expressions=request.user_expressions,
             )
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                # Nobody cancelled us: shutdown closed the connection a wait was on.
+                self._raise_if_stopped_under_run(kernel)
             # run_code sends its request before it first waits: the code is on the kernel.
             await self._interrupt_abandoned_run(kernel)
             raise
         except KernelDied as died:
+            self._raise_if_stopped_under_run(kernel)
             log.warning("kernel of glyph %r died mid-run; starting a fresh one", self.glyph_id)
             await self._renew_after_failure()
             result = ExecutionResult.from_outputs(
@@ -214,6 +224,7 @@ class KernelSession:
             )
             return result, {}
         except InterruptFailed as stuck:
+            self._raise_if_stopped_under_run(kernel)
             log.warning("kernel of glyph %r ignored an interrupt; restarting it", self.glyph_id)
             await self._renew_after_failure()
             result = ExecutionResult.from_outputs(
@@ -224,6 +235,9 @@ class KernelSession:
                 "kernel did not respond to an interrupt, so it was restarted; the glyph's state was lost.",
             )
             return result, {}
+        except Exception:
+            self._raise_if_stopped_under_run(kernel)
+            raise
 
         missed = kernel.missed_output()
         failure = None
@@ -243,6 +257,16 @@ class KernelSession:
         if outcome.execution_count is not None:
             self.execution_count = outcome.execution_count
         return result, outcome.user_expressions
+
+    def _raise_if_stopped_under_run(self, kernel: Kernel) -> None:
+        """A run whose kernel was stopped from under it (shutdown does that) ends as ProviderClosing.
+
+        Its connection is closed then, so the run fails in some way (a closed connection,
+        a dead kernel); the caller must hear why, not a bare error, and no fresh kernel
+        may be started for a provider on its way out.
+        """
+        if self.kernel is not kernel:
+            raise ProviderClosing("the provider shut down while this code was running")
 
     async def _service_call(self, request: Any) -> Any:
         if self.attestations is None:
@@ -378,12 +402,13 @@ class SessionManager:
 
     async def start(self) -> None:
         """Clean what a killed predecessor left, warm the pool, and start culling idle kernels."""
-        ensure_private_dir(self.connection_dir)
-        removed = sum(
-            clean_stale_files(folder)
-            for folder in (self.connection_dir, self.supply.pool_dir, self.supply.runner_dir)
-            if folder is not None and folder.is_dir()
-        )
+        claim_connection_dir(self.connection_dir, default=self.settings.connection_dir is None)
+        for folder in (self.supply.pool_dir, self.supply.runner_dir):
+            if folder is not None and folder.is_dir():
+                claim_connection_dir(folder)
+        # One pass over the folder and its subfolders: a pooled kernel's sockets stay in the
+        # pool folder after its connection file moved up to the glyph's name.
+        removed = clean_stale_files(self.connection_dir)
         if removed:
             log.info("removed %d stale connection files from %s", removed, self.connection_dir)
         self._apply_lifecycle_settings()
@@ -431,7 +456,11 @@ class SessionManager:
             # The glyph's directive changed: its old kernel cannot run the new environment.
             await self._retire(session)
             notice = f"glyph moved from kernelspec {session.kernel_name!r} to {kernel_name!r}; its state was reset."
-        result = await self._session(glyph_id, kernel_name).run(request)
+        session = self._session(glyph_id, kernel_name)
+        try:
+            result = await session.run(request)
+        finally:
+            self._forget_if_kernelless(session)
         if notice:
             result.add_notice(notice)
         self.history.record(glyph_id, kernel_name, request.code, result)
@@ -450,7 +479,11 @@ class SessionManager:
             user_expressions={"value": expression},
         )
         if glyph_id:
-            result, answers = await self._session(glyph_id).run_with_expressions(request)
+            session = self._session(glyph_id)
+            try:
+                result, answers = await session.run_with_expressions(request)
+            finally:
+                self._forget_if_kernelless(session)
         else:
             result, answers = await self._run_once(request, self.settings.kernel)
         return result, answers.get("value", {})
@@ -470,7 +503,10 @@ class SessionManager:
     def _kernel_setup(self) -> str:
         """The code every kernel runs once it is up, before any glyph claims it (see prelude.py)."""
         setup = f"_kernel_provider_setup({self.settings.kernel_memory_limit!r})"
-        return f"{_PRELUDE_SOURCE}\n{setup}\ndel _kernel_provider_setup, _install_reset, _attestation_functions\n"
+        return (
+            f"{_PRELUDE_SOURCE}\n{setup}\n"
+            "del _kernel_provider_setup, _install_reset, _attestation_functions, _keep_lone_surrogates\n"
+        )
 
     async def _retire(self, session: KernelSession, reason: str | None = None) -> None:
         """Forget a glyph's session and stop its kernel; ``reason`` is told at the glyph's next run.
@@ -482,9 +518,7 @@ class SessionManager:
         if self.sessions.get(glyph_id) is session:
             del self.sessions[glyph_id]
             if reason:
-                self._reset_reasons[glyph_id] = reason
-                while len(self._reset_reasons) > MAX_REMEMBERED_RESETS:
-                    self._reset_reasons.pop(next(iter(self._reset_reasons)))
+                self._remember_reset(glyph_id, reason)
         stopping = asyncio.ensure_future(session.stop())
         self._retiring[glyph_id] = stopping
         try:
@@ -492,6 +526,25 @@ class SessionManager:
         finally:
             if self._retiring.get(glyph_id) is stopping:
                 del self._retiring[glyph_id]
+
+    def _forget_if_kernelless(self, session: KernelSession) -> None:
+        """Drop a glyph whose run left it without a kernel and with nothing queued.
+
+        A run refused at the ceiling, or whose kernel would not start, leaves such a
+        session behind; without this every new glyph id tried at the ceiling would stay
+        in the table forever. A glyph that had a kernel is told at its next run.
+        """
+        if session.kernel is not None or session.callers or session.lock.locked():
+            return
+        if self.sessions.get(session.glyph_id) is session:
+            del self.sessions[session.glyph_id]
+            if session.kernel_id is not None:
+                self._remember_reset(session.glyph_id, "its kernel had stopped")
+
+    def _remember_reset(self, glyph_id: str, reason: str) -> None:
+        self._reset_reasons[glyph_id] = reason
+        while len(self._reset_reasons) > MAX_REMEMBERED_RESETS:
+            self._reset_reasons.pop(next(iter(self._reset_reasons)))
 
     def _idle_sessions(self) -> list[KernelSession]:
         """Glyph kernels nobody is using or waiting for, least recently used first."""

@@ -27,7 +27,14 @@ from pathlib import Path
 from jupyter_client import AsyncKernelManager
 
 from kernel_provider import execution
-from kernel_provider.config import ensure_private_dir
+from kernel_provider.connection_dir import (
+    claim_connection_dir,
+    connection_file_label,
+    ipc_base_name,
+    ipc_socket_base,
+    our_folders,
+    read_connection_file,
+)
 from kernel_provider.kernels.connection import ZMQConnection
 from kernel_provider.kernels.sandbox import SandboxedKernelSpecs
 
@@ -159,26 +166,30 @@ def _process_alive(pid: int) -> bool:
 
 
 def clean_stale_files(connection_dir: Path) -> int:
-    """Remove connection files (and their ipc sockets) left by a provider that is gone.
+    """Remove our connection files (and their ipc sockets) left by a provider that is gone.
 
     A provider killed with SIGKILL cannot clean up; its kernels exit on their own
-    (ipykernel watches its parent) but their files stay. Files of a provider that is
-    still running (another instance sharing the folder) are left alone.
+    (ipykernel watches its parent) but their files stay. Only files we wrote are
+    removed (connection files with our label, sockets with our names, in this folder
+    and the subfolders we claimed), and of those not the ones of a provider that is
+    still running (another instance sharing the folder).
     """
-    removed = 0
-    for path in connection_dir.glob("kernel-*.json"):
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
-            info = {}
-        owner = info.get("kernel_provider", {}).get("provider_pid")
-        if isinstance(owner, int) and owner != os.getpid() and _process_alive(owner):
+    folders = our_folders(connection_dir)
+    removed, kept_bases = 0, set()
+    for path in (p for folder in folders for p in folder.glob("kernel-*.json")):
+        info = read_connection_file(path)
+        label = connection_file_label(info)
+        owner = label.get("provider_pid") if label is not None else None
+        if label is None or (isinstance(owner, int) and owner != os.getpid() and _process_alive(owner)):
+            kept_bases.add(ipc_base_name(info or {}))  # not ours, or a live provider's: its sockets stay
             continue
-        if info.get("transport") == "ipc" and info.get("ip"):
-            for socket_file in Path(info["ip"]).parent.glob(Path(info["ip"]).name + "-*"):
-                socket_file.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         removed += 1
+    # Sockets are named by us, not found through a path in a file: none outside our folders is touched.
+    for path in (p for folder in folders for p in folder.iterdir()):
+        base = ipc_socket_base(path)
+        if base is not None and base not in kept_bases:
+            path.unlink(missing_ok=True)
     return removed
 
 
@@ -281,8 +292,8 @@ class KernelSupply:
 
     def _kernel_environment(self) -> dict[str, str]:
         if self._ipython_dir is None:
-            self._ipython_dir = ensure_private_dir(self.connection_dir / "ipython")
-            profile = ensure_private_dir(self._ipython_dir / "profile_default")
+            self._ipython_dir = claim_connection_dir(self.connection_dir / "ipython")
+            profile = claim_connection_dir(self._ipython_dir / "profile_default")
             (profile / "ipython_kernel_config.py").write_text(KERNEL_CONFIG)
         # jupyter_client starts from the provider's environment and adds this.
         return {**os.environ, "IPYTHONDIR": str(self._ipython_dir)}
@@ -295,7 +306,7 @@ class KernelSupply:
             return await self._boot(kernel_name, connection_file)
 
     async def _boot(self, kernel_name: str, connection_file: Path) -> StartedKernel:
-        ensure_private_dir(connection_file.parent)
+        claim_connection_dir(connection_file.parent)
         # A sandboxed kernel's provisioner puts its ipc sockets in the kernel's own folder.
         if self.sandboxed_specs is not None:
             options = {"kernel_spec_manager": self.sandboxed_specs}
