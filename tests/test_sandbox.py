@@ -153,7 +153,7 @@ def test_attack_3_a_glyph_cannot_plant_code_in_a_warm_pool_kernel(fresh_provider
 
 @needs_sandbox
 def test_attack_5_a_glyph_cannot_read_the_providers_memory_environment_or_command_line(fresh_provider):
-    plugin = fresh_provider(*SANDBOX)
+    plugin = fresh_provider(*SANDBOX, initialize=False)  # QNTX names the store at the first Initialize
     secret = f"auth-{uuid.uuid4().hex}"
     plugin.domain.Initialize(
         domain_pb2.InitializeRequest(ats_store_endpoint="127.0.0.1:1", auth_token=secret), timeout=RPC_TIMEOUT
@@ -444,7 +444,7 @@ def test_without_bubblewrap_auto_says_so_once_and_sandbox_refuses_to_start(fresh
 @needs_sandbox
 def test_attest_works_inside_the_sandbox(tmp_path):
     store = FakeATSStore(token="t").start()
-    plugin = launch(tmp_path / "conn", *SANDBOX, "--pool-size", "0")
+    plugin = launch(tmp_path / "conn", *SANDBOX, "--pool-size", "0", initialize=False)
     try:
         plugin.domain.Initialize(
             domain_pb2.InitializeRequest(ats_store_endpoint=store.endpoint, auth_token="t"), timeout=RPC_TIMEOUT
