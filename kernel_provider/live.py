@@ -31,7 +31,7 @@ import grpc
 from kernel_provider.live_events import EVENT_OUTPUT_LIMIT, LiveEvent, live_events
 from kernel_provider.proto import domain_pb2
 from kernel_provider.provider import Provider
-from kernel_provider.python_service import BadRequest, load_json, parse_request, run_timeout, to_response
+from kernel_provider.python_service import BadRequest, load_json, parse_request, run_timeout, to_live_response
 from kernel_provider.reply_queue import ReplyQueue
 from kernel_provider.sessions import ProviderClosing, RunRequest
 
@@ -154,7 +154,7 @@ async def serve_websocket(
             message = error_answer(f"{exc}; try again once it is back.", request)
             replies.put(message, len(message.data), key=key)
             return
-        message = answer({"type": "result", "glyph_id": glyph_id}, request, result=to_response(result).result)
+        message = answer({"type": "result", "glyph_id": glyph_id}, request, result=to_live_response(result).result)
         replies.put(message, len(message.data), key=key)
 
     async def act(name: str, body: dict[str, Any], request: Any) -> None:

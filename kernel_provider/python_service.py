@@ -115,6 +115,21 @@ def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
     return response
 
 
+# Characters of an error text the live surfaces keep when the whole answer would not fit.
+LIVE_ERROR_TEXT_KEPT = 64 * 1024
+
+
+def to_live_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
+    """to_response for ExecuteStream's `done` and the websocket's result, which must fit 4 MB too
+    when the error text alone is larger (``raise ValueError("E" * 5_000_000)``): that text is cut."""
+    response = to_response(result)
+    if not result.error or response.ByteSize() <= GRPC_MESSAGE_LIMIT - RESPONSE_SLACK_BYTES:
+        return response
+    marker = f"[kernel_provider: error text cut, {len(result.error) - LIVE_ERROR_TEXT_KEPT} characters left out]"
+    result.error = f"{result.error[:LIVE_ERROR_TEXT_KEPT]}\n{marker}"
+    return to_response(result)
+
+
 def _valid_text(text: str) -> str:
     # Kernels can send lone surrogates; protobuf strings must be valid UTF-8.
     return text.encode("utf-8", "replace").decode("utf-8")
@@ -176,7 +191,7 @@ class PythonServicer(python_pb2_grpc.PythonServiceServicer):
                 result = task.result()
             except ProviderClosing as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again once it is back.")
-            yield python_pb2.PythonExecuteEvent(done=to_response(result))
+            yield python_pb2.PythonExecuteEvent(done=to_live_response(result))
         finally:
             if not task.done():
                 task.cancel()  # the client went away: interrupt the run

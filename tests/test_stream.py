@@ -286,6 +286,12 @@ def test_every_event_stays_under_4_mb_whatever_the_output(provider):
     assert "display_data output" in live[0]["text"] and "left out of the live events" in live[0]["text"]
     assert events[-1].done.success
 
+    # An error is kept whatever its size, but not its whole text.
+    events = list(stream(provider, "raise ValueError('E' * 5_000_000)", g))
+    assert all(e.ByteSize() < GRPC_LIMIT for e in events)
+    done = events[-1].done
+    assert not done.success and done.error.startswith("ValueError: EEE") and "error text cut" in done.error
+
 
 # A run that updates one display UPDATES times with UPDATE_BYTES of HTML: 60 MB of live
 # events, each within the output limit, in fewer iopub messages than zmq will queue (1000).

@@ -231,4 +231,11 @@ def test_every_message_stays_under_4_mb_whatever_the_output(bridge):
     assert len(live) == 1 and live[0]["name"] == "stderr"
     assert "display_data output" in live[0]["text"] and "left out of the live events" in live[0]["text"]
     assert bodies[-1]["result"]["success"]
+
+    # An error is kept whatever its size, but not its whole text.
+    bridge.send({"glyph_id": g, "code": "raise ValueError('E' * 5_000_000)"})
+    result = bridge.receive_until("result")[-1]["result"]
+    assert not result["success"] and result["error"].startswith("ValueError: EEE")
+    assert "error text cut" in result["error"]
     assert bridge.largest_message < GRPC_LIMIT
+    assert Type.ERROR not in bridge.received_types and not bridge.is_closed
