@@ -51,6 +51,7 @@ class QntxBridge:
         self.largest_message = 0  # bytes of the largest message the plugin sent
         self.closed_because: str | None = None
         self._pongs: dict[int, threading.Event] = {}
+        self._ping_lock = threading.Lock()
         self._reading = threading.Event()
         self._reading.set()
         self._done = threading.Event()
@@ -117,18 +118,20 @@ class QntxBridge:
     # ---------------------------------------------------------------- keepalive
 
     def ping(self, timeout: float = 120) -> None:
-        """Send a PING and wait for its PONG; AssertionError when none comes."""
-        answered = self._send_ping()
-        assert answered.wait(timeout), "the plugin did not answer PING with PONG"
+        """Send a PING and wait for its PONG; AssertionError when it, or a PING sent before, is unanswered."""
+        sent = self._send_ping()
+        assert self._pongs[sent].wait(timeout), "the plugin did not answer PING with PONG"
+        # The stream keeps order both ways: every earlier PING must have had its PONG by now.
+        unanswered = [t for t, answered in list(self._pongs.items()) if t < sent and not answered.is_set()]
+        assert not unanswered, f"{len(unanswered)} keepalive PINGs got no PONG"
 
-    def _send_ping(self) -> threading.Event:
-        timestamp = time.time_ns()
-        answered = self._pongs.setdefault(timestamp, threading.Event())
-        self.to_plugin.put(Message(type=Type.PING, timestamp=timestamp))
-        return answered
-
-    def unanswered_pings(self) -> int:
-        return sum(not answered.is_set() for answered in self._pongs.values())
+    def _send_ping(self) -> int:
+        # One at a time, so that PINGs go out in the order of their timestamps.
+        with self._ping_lock:
+            timestamp = max(time.time_ns(), max(self._pongs, default=0) + 1)
+            self._pongs[timestamp] = threading.Event()
+            self.to_plugin.put(Message(type=Type.PING, timestamp=timestamp))
+        return timestamp
 
     def _keepalive(self, interval: float) -> None:
         while not self._done.wait(interval):
