@@ -33,7 +33,7 @@ from kernel_provider.proto import domain_pb2
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import BadRequest, load_json, parse_request, run_timeout, to_live_response
 from kernel_provider.reply_queue import ReplyQueue
-from kernel_provider.sessions import ProviderClosing, RunRequest
+from kernel_provider.sessions import ProviderClosing
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,7 @@ async def serve_websocket(
                 message = event_answer(glyph_id, live, request)
                 replies.put_live(key, message, len(message.data))
 
-        request_run = RunRequest(
-            code=code,
-            upstream=upstream,
-            timeout=run_timeout(provider, context),
-            output_limit=provider.settings.max_output_bytes,
-            on_event=on_event,
-        )
+        request_run = provider.run_request(code, upstream, run_timeout(provider, context), on_event=on_event)
         try:
             result = await provider.sessions.execute(glyph_id, request_run)
         except ProviderClosing as exc:
