@@ -12,9 +12,9 @@ during a run. CLOSE, or the stream being cancelled, ends the socket and interrup
 runs; a client that only stops sending (a half-close) still gets the answers of its runs.
 
 A client that reads more slowly than its runs write loses live events, never results:
-see reply_queue.py. While its replies are over their bound we stop reading its requests,
-so gRPC's flow control holds them back, and at most MAX_REQUESTS_IN_PROGRESS of its
-requests are under way at once.
+see reply_queue.py. While its reply queue is full we stop reading its requests, so gRPC's
+flow control holds them back, and at most MAX_REQUESTS_IN_PROGRESS of its requests are
+under way at once.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ dropped; each run that lost some gets one marker reply (counting them) before it
 reply, at the latest before its result. Replies that must arrive (results, error answers,
 PONGs) are always queued: the websocket bounds how many can come by pausing its reading
 of new requests while the queue is full (``room``) and by a cap on requests in progress.
+The queue is full from the moment it drops an event or goes over its bound until the
+reader has taken it down to half the bound: a reader that does not read keeps it full.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class ReplyQueue(Generic[T]):
         self._bytes = 0
         self._dropped: dict[Hashable, tuple[int, int]] = {}
         self._nonempty = asyncio.Event()
-        self._room = asyncio.Event()
+        self._room = asyncio.Event()  # set while the queue is not full
         self._room.set()
 
     @property
@@ -53,6 +55,7 @@ class ReplyQueue(Generic[T]):
         if self._items and self._bytes + size > self.limit:
             events, nbytes = self._dropped.get(key, (0, 0))
             self._dropped[key] = (events + 1, nbytes + size)
+            self._room.clear()
             return
         self._flush_marker(key)
         self._append(item, size)
@@ -63,18 +66,17 @@ class ReplyQueue(Generic[T]):
             await self._nonempty.wait()
         item, size = self._items.popleft()
         self._bytes -= size
-        if self._bytes <= self.limit:
+        if self._bytes <= self.limit // 2:
             self._room.set()
+        if self._bytes <= self.limit:
             # A run that went quiet after losing events learns of it now, not at its end.
             for key in list(self._dropped):
                 self._flush_marker(key)
         return item
 
     async def room(self) -> None:
-        """Wait until the queue is back within its bound."""
-        while self._bytes > self.limit:
-            self._room.clear()
-            await self._room.wait()
+        """Wait until the queue is not full."""
+        await self._room.wait()
 
     def _flush_marker(self, key: Hashable) -> None:
         dropped = self._dropped.pop(key, None)

@@ -51,3 +51,25 @@ def test_an_event_always_fits_an_empty_queue_and_room_waits_for_the_reader():
         return blocked, item
 
     assert asyncio.run(scenario()) == (True, "huge")
+
+
+def test_once_it_drops_the_queue_stays_full_until_the_reader_took_it_down_to_half():
+    async def has_room(queue: ReplyQueue) -> bool:
+        waiting = asyncio.ensure_future(queue.room())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        return waiting.done() and not waiting.cancelled()
+
+    async def scenario():
+        queue = ReplyQueue(marker, limit=20)
+        for n in range(3):
+            queue.put_live("run", f"e{n}", 6)
+        states = [await has_room(queue)]  # 18 of 20 bytes: not full
+        queue.put_live("run", "e3", 6)  # dropped: full from now on
+        for _ in range(3):
+            states.append(await has_room(queue))
+            await queue.get()
+        return states
+
+    # Full at 18 bytes and at 12 (over half the bound); room again at 6.
+    assert asyncio.run(scenario()) == [True, False, False, True]

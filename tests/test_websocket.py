@@ -192,12 +192,11 @@ def test_a_browser_that_stops_reading_loses_live_events_never_the_result(fresh_p
     wait_until_exists(started)
     # Once a run queued behind the flood on the same glyph is answered, the flood has ended.
     assert plugin.run("'behind'", g)["result"] == "'behind'"
-    # Its replies are over their bound now: the plugin takes on the request it is reading and
-    # then reads no more of them; what the browser sends next waits in gRPC's flow control.
+    # Its reply queue is full now: the plugin finishes the message it is reading (a keepalive
+    # PING, or the next request) and reads no more; the rest waits in gRPC's flow control.
     taken, held = tmp_path / "taken", tmp_path / "held"
     bridge.send({"id": "taken", "glyph_id": g, "code": f"open({str(taken)!r}, 'w').close()"})
     bridge.send({"id": "held", "glyph_id": g, "code": f"open({str(held)!r}, 'w').close()"})
-    wait_until_exists(taken)
     assert plugin.run("'behind again'", g)["result"] == "'behind again'"
     assert not held.exists(), "the plugin took on more work for a browser that reads nothing"
 
@@ -217,9 +216,9 @@ def test_a_browser_that_stops_reading_loses_live_events_never_the_result(fresh_p
     assert result["success"], result["error"]
     assert result["outputs"][0]["data"]["text/html"] == "9" + "x" * UPDATE_BYTES
     assert bridge.largest_message < GRPC_LIMIT
-    # Once read, the held request is taken on too.
+    # Once the browser reads, the requests it sent are taken on too.
     later = [bridge.receive_until("result")[-1]["id"] for _ in range(2)]
-    assert later == ["taken", "held"] and held.exists()
+    assert later == ["taken", "held"] and taken.exists() and held.exists()
     # And the socket goes on as before.
     bridge.ping()
     bridge.send({"id": "after", "glyph_id": g, "code": "'ok'"})
