@@ -74,10 +74,17 @@ class OutputCollector:
     ``limit`` bounds the bytes of text and mime data kept; what is over it is
     counted in ``dropped_bytes`` instead, so a runaway print cannot grow a
     response past what gRPC will carry.
+
+    ``on_event`` hears, in the order the kernel sent them, each output kept
+    (``{"type": "output", "output": ..., "display_id"?: ...}``), each
+    ``{"type": "clear_output", "wait": bool}`` and each
+    ``{"type": "update_display_data", "display_id": ..., "output": ...}``, so a live
+    front end can show what a notebook shows while the code runs. It must serialize
+    an event before returning: a kept output may still change.
     """
 
     limit: int
-    on_output: Callable[[dict[str, Any]], None] | None = None
+    on_event: Callable[[dict[str, Any]], None] | None = None
     outputs: list[dict[str, Any]] = field(default_factory=list)
     used_bytes: int = 0
     dropped_bytes: int = 0
@@ -88,14 +95,20 @@ class OutputCollector:
     def handle(self, msg: dict[str, Any]) -> None:
         msg_type = msg["msg_type"]
         content = msg["content"]
+        display_id = content.get("transient", {}).get("display_id")
         if msg_type == "clear_output":
-            if content.get("wait"):
+            wait = bool(content.get("wait"))
+            if wait:
                 self._clear_before_next = True
             else:
                 self._clear()
+            self._emit({"type": "clear_output", "wait": wait})
             return
         if msg_type == "update_display_data":
-            self._update_display(content)
+            # Without a display id an update has nothing to update (Jupyter always sends one).
+            updated = self._update_display(display_id, content) if display_id else None
+            if updated is not None:
+                self._emit({"type": "update_display_data", "display_id": display_id, "output": updated})
             return
         if msg_type not in ("stream", "display_data", "execute_result", "error"):
             return
@@ -107,11 +120,18 @@ class OutputCollector:
             # A chunk of its own: the kept output may be merged with later chunks.
             live = {"output_type": "stream", "name": output["name"], "text": text} if text else None
         else:
-            kept = self._add_rich(output, content.get("transient", {}).get("display_id"))
+            kept = self._add_rich(output, display_id)
             live = output if kept else None
         # Live listeners get what the run keeps, so they too stay within the output limit.
-        if self.on_output is not None and live is not None:
-            self.on_output(live)
+        if live is not None:
+            event = {"type": "output", "output": live}
+            if display_id and msg_type == "display_data":
+                event["display_id"] = display_id
+            self._emit(event)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     def _clear(self) -> None:
         self.outputs.clear()
@@ -154,11 +174,24 @@ class OutputCollector:
         self.outputs.append(output)
         return True
 
-    def _update_display(self, content: dict[str, Any]) -> None:
-        display_id = content.get("transient", {}).get("display_id")
-        for index in self._display_index.get(display_id, []):
-            self.outputs[index]["data"] = content.get("data", {})
-            self.outputs[index]["metadata"] = content.get("metadata", {})
+    def _update_display(self, display_id: str | None, content: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply an update to the outputs showing ``display_id``; the display_data it amounts to.
+
+        None when the update is dropped: its data would take the run past its output
+        limit. An update of a display another run showed is passed on, not kept.
+        """
+        data, metadata = content.get("data", {}), content.get("metadata", {})
+        size = _bundle_size(data)
+        indexes = self._display_index.get(display_id, [])
+        growth = sum(size - _bundle_size(self.outputs[index]["data"]) for index in indexes)
+        if size > self.limit or self.used_bytes + growth > self.limit:
+            self.dropped_bytes += size
+            return None
+        self.used_bytes += growth
+        for index in indexes:
+            self.outputs[index]["data"] = data
+            self.outputs[index]["metadata"] = metadata
+        return {"output_type": "display_data", "data": data, "metadata": metadata}
 
     def _take_text(self, text: str) -> str:
         encoded = text.encode("utf-8", "surrogatepass")
@@ -239,7 +272,7 @@ async def run_code(
     is_alive: Callable[[], Awaitable[bool]],
     interrupt: Callable[[], Awaitable[None]],
     request_metadata: dict[str, Any] | None = None,
-    on_output: Callable[[dict[str, Any]], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
     on_started: Callable[[], None] | None = None,
     on_service_call: ServiceHandler | None = None,
     silent: bool = False,
@@ -270,7 +303,7 @@ async def run_code(
         inbox = connection.request("shell", "execute_request", content, metadata)
     except ConnectionClosed:  # the far end (a gateway) dropped the kernel's channels between runs
         raise KernelDied([]) from None
-    collector = OutputCollector(limit=output_limit, on_output=on_output)
+    collector = OutputCollector(limit=output_limit, on_event=on_event)
     execution_count: int | None = None
     timed_out = False
     deadline = time.monotonic() + timeout

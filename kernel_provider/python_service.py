@@ -6,16 +6,16 @@ import asyncio
 import json
 import logging
 import unicodedata
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import grpc
 
+from kernel_provider.live_events import LiveEvent, live_events
 from kernel_provider.proto import python_pb2, python_pb2_grpc
 from kernel_provider.provider import Provider
+from kernel_provider.reply_queue import ReplyQueue
 from kernel_provider.results import ExecutionResult, fit_result
-from kernel_provider.sessions import ProviderClosing, RunRequest, SessionManager
+from kernel_provider.sessions import ProviderClosing, RunRequest
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +82,6 @@ def parse_request(glyph_id: str, code: str, upstream: bytes) -> tuple[str, str, 
     return validate_glyph_id(glyph_id), validate_code(code), decode_upstream(upstream)
 
 
-async def stream_run(
-    sessions: SessionManager, glyph_id: str, run: RunRequest
-) -> AsyncIterator[bytes | ExecutionResult]:
-    """Run, yielding each output as UTF-8 JSON as the kernel sends it, then the ExecutionResult.
-
-    Raises ProviderClosing like SessionManager.execute. Closing this iterator before
-    the end (or cancelling its consumer) interrupts the run; the glyph keeps its kernel.
-    """
-    events: asyncio.Queue[bytes | None] = asyncio.Queue()
-    # Serialized at once: the collector may still change an output it keeps (display updates).
-    run.on_output = lambda output: events.put_nowait(json.dumps(output, ensure_ascii=False).encode("utf-8", "replace"))
-    task = asyncio.ensure_future(sessions.execute(glyph_id, run))
-    # Queued after every output, since the run only ends once the kernel is idle.
-    task.add_done_callback(lambda _: events.put_nowait(None))
-    try:
-        while (event := await events.get()) is not None:
-            yield event
-        yield task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-
-
 def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
     """Build the wire answer, keeping it under gRPC's 4 MB default whatever the kernel said."""
     # stdout and the error text travel twice: in their own fields and inside `result`.
@@ -115,6 +92,7 @@ def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
         error=_valid_text(result.error or ""),
         result=result.to_json(),
     )
+
 
 
 def _valid_text(text: str) -> str:
@@ -154,14 +132,47 @@ class PythonServicer(python_pb2_grpc.PythonServiceServicer):
         return to_response(result)
 
     async def ExecuteStream(self, request: python_pb2.PythonExecuteRequest, context: grpc.aio.ServicerContext):
-        """Execute, answered as it goes: one event per output, then `done` with Execute's answer."""
+        """Execute, answered as it goes: one event per live event, then `done` with Execute's answer.
+
+        A client that reads more slowly than the run writes loses live events, not memory:
+        see reply_queue.py. Cancelling the stream interrupts the run; the glyph keeps its kernel.
+        """
         glyph_id, run = await self._run_request(request, context)
+        replies: ReplyQueue[python_pb2.PythonExecuteEvent | None] = ReplyQueue(_dropped_event)
+
+        def on_event(event: dict[str, Any]) -> None:
+            for live in live_events(event):
+                message = _stream_event(live)
+                replies.put_live(glyph_id, message, message.ByteSize())
+
+        run.on_event = on_event
+        task = asyncio.ensure_future(self.provider.sessions.execute(glyph_id, run))
+        # Queued after every event, since the run only ends once the kernel is idle.
+        task.add_done_callback(lambda _: replies.put(None, 0, key=glyph_id))
         try:
-            async with aclosing(stream_run(self.provider.sessions, glyph_id, run)) as events:
-                async for event in events:
-                    if isinstance(event, ExecutionResult):
-                        yield python_pb2.PythonExecuteEvent(done=to_response(event))
-                    else:
-                        yield python_pb2.PythonExecuteEvent(output=event)
-        except ProviderClosing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again once it is back.")
+            while (event := await replies.get()) is not None:
+                yield event
+            try:
+                result = task.result()
+            except ProviderClosing as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again once it is back.")
+            yield python_pb2.PythonExecuteEvent(done=to_response(result))
+        finally:
+            if not task.done():
+                task.cancel()  # the client went away: interrupt the run
+
+
+def _stream_event(live: LiveEvent) -> python_pb2.PythonExecuteEvent:
+    if live.kind == "clear_output":
+        return python_pb2.PythonExecuteEvent(clear_output=python_pb2.PythonClearOutput(wait=live.wait))
+    event = python_pb2.PythonExecuteEvent(display_id=live.display_id or "")
+    if live.kind == "update_display_data":
+        event.update_display_data = live.output
+    else:
+        event.output = live.output
+    return event
+
+
+def _dropped_event(_run: object, events: int, nbytes: int) -> tuple[python_pb2.PythonExecuteEvent, int]:
+    event = python_pb2.PythonExecuteEvent(dropped=python_pb2.PythonDroppedEvents(events=events, bytes=nbytes))
+    return event, event.ByteSize()

@@ -74,8 +74,9 @@ class RunRequest:
     upstream: Any  # the decoded attestation (a dict) or None
     timeout: float
     output_limit: int
-    # Called with each nbformat output as the kernel sends it (live output streams).
-    on_output: Callable[[dict[str, Any]], None] | None = None
+    # Called with each live event (an output, clear_output, update_display_data) as the
+    # kernel sends it: see execution.OutputCollector.
+    on_event: Callable[[dict[str, Any]], None] | None = None
     # A silent run leaves no trace in the kernel's history (used to evaluate expressions).
     silent: bool = False
     user_expressions: dict[str, str] | None = None
@@ -197,7 +198,7 @@ class KernelSession:
                 is_alive=kernel.is_alive,
                 interrupt=kernel.interrupt,
                 request_metadata={"upstream": request.upstream},
-                on_output=request.on_output,
+                on_event=request.on_event,
                 on_started=self.code_running.set,
                 on_service_call=self._service_call,
                 silent=request.silent,

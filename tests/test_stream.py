@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from kernel_provider.proto import domain_pb2, python_pb2
+from kernel_provider.reply_queue import REPLY_QUEUE_BYTES
 
 Message = domain_pb2.WebSocketMessage
 Type = Message.Type
@@ -26,6 +27,7 @@ RESULT_KEYS = {"success", "stdout", "stderr", "result", "error", "duration_ms", 
 WAIT_SECONDS = 30
 # A run after an interrupted one must come back well before the interrupted code would have ended.
 AFTER_CANCEL_TIMEOUT = 20
+GRPC_LIMIT = 4 * 1024 * 1024
 
 
 def glyph() -> str:
@@ -220,6 +222,128 @@ def test_live_output_stays_within_the_output_limit(fresh_provider):
     assert "output truncated" in result["stdout"]
 
 
+def test_clear_output_and_display_updates_are_events_in_order(provider):
+    code = (
+        "from IPython.display import HTML, clear_output, display\n"
+        "handle = display(HTML('<b>first</b>'), display_id=True)\n"
+        "handle.update(HTML('<b>second</b>'))\n"
+        "clear_output(wait=True)\n"
+        "print('after clear')\n"
+    )
+    events = list(stream(provider, code, glyph()))
+    assert [e.WhichOneof("event") for e in events] == [
+        "output",
+        "update_display_data",
+        "clear_output",
+        "output",
+        "done",
+    ]
+    shown, updated, cleared, printed, done = events
+    assert shown.display_id and updated.display_id == shown.display_id
+    assert json.loads(shown.output)["data"]["text/html"] == "<b>first</b>"
+    assert json.loads(updated.update_display_data) == {
+        "output_type": "display_data",
+        "data": {"text/html": "<b>second</b>", "text/plain": "<IPython.core.display.HTML object>"},
+        "metadata": {},
+    }
+    assert cleared.clear_output.wait
+    assert printed.display_id == ""
+    assert json.loads(printed.output) == {"output_type": "stream", "name": "stdout", "text": "after clear\n"}
+    assert json.loads(done.done.result)["outputs"] == [json.loads(printed.output)]
+
+
+def test_a_display_update_over_the_output_limit_is_dropped(fresh_provider):
+    plugin = fresh_provider("--max-output-bytes", "1024")
+    code = (
+        "from IPython.display import HTML, display\n"
+        "handle = display(HTML('small'), display_id=True)\n"
+        "handle.update(HTML('x' * 2000))\n"
+        "handle.update(HTML('fits'))\n"
+    )
+    events = list(stream(plugin, code, glyph()))
+    updates = [json.loads(e.update_display_data) for e in events if e.WhichOneof("event") == "update_display_data"]
+    assert [u["data"]["text/html"] for u in updates] == ["fits"]
+    result = json.loads(events[-1].done.result)
+    assert result["outputs"][0]["data"]["text/html"] == "fits"
+    # 2000 bytes of HTML and 34 of its text/plain form.
+    assert "output truncated, 2034 bytes dropped" in result["stdout"]
+
+
+def test_every_event_stays_under_4_mb_whatever_the_output(provider):
+    g = glyph()
+    # JSON escapes each of these as \u0001: 5.4 MB of JSON for 0.9 MB of text.
+    events = list(stream(provider, "print('\\x01' * 900_000)", g))
+    assert all(e.ByteSize() < GRPC_LIMIT for e in events)
+    assert len(events) > 2, "the chunk was not split"
+    assert "".join(json.loads(e.output)["text"] for e in events[:-1]) == "\x01" * 900_000 + "\n"
+    assert events[-1].done.success
+
+    # A display cannot be split: it is left out of the live events, saying so.
+    events = list(stream(provider, "display({'text/plain': '\\x02' * 999_000}, raw=True)", g))
+    assert all(e.ByteSize() < GRPC_LIMIT for e in events)
+    live = [json.loads(e.output) for e in events[:-1]]
+    assert len(live) == 1 and live[0]["name"] == "stderr"
+    assert "display_data output" in live[0]["text"] and "left out of the live events" in live[0]["text"]
+    assert events[-1].done.success
+
+    # An error is kept whatever its size, but not its whole text.
+    events = list(stream(provider, "raise ValueError('E' * 5_000_000)", g))
+    assert all(e.ByteSize() < GRPC_LIMIT for e in events)
+    done = events[-1].done
+    assert not done.success and done.error.startswith("ValueError: EEE") and "error text cut" in done.error
+
+
+# A run that updates one display UPDATES times with UPDATE_BYTES of HTML: 60 MB of live
+# events, each within the output limit, in fewer iopub messages than zmq will queue (1000).
+# It creates ``started`` first, so a test knows it began.
+UPDATES, UPDATE_BYTES = 600, 100_000
+
+
+def flood_code(started: Path) -> str:
+    return (
+        "from IPython.display import HTML, display\n"
+        f"open({str(started)!r}, 'w').close()\n"
+        "handle = display(HTML('start'), display_id=True)\n"
+        f"for i in range({UPDATES}):\n"
+        f"    handle.update(HTML(str(i % 10) + 'x' * {UPDATE_BYTES}))\n"
+    )
+
+
+def wait_until_exists(path: Path) -> None:
+    while not path.exists():
+        time.sleep(0.01)
+
+
+# What can reach a reader that read nothing while the run went on: the provider's reply
+# queue and what gRPC's flow control let through. A provider keeping every event for it
+# would deliver all 60 MB once it reads.
+HELD_ALLOWANCE = REPLY_QUEUE_BYTES + 16 * 1024 * 1024
+# A busy machine must not make the flood time out.
+FLOOD_FLAGS = ("--execute-timeout", "600")
+
+
+def test_a_client_that_stops_reading_loses_live_events_never_the_result(fresh_provider, tmp_path):
+    plugin = fresh_provider(*FLOOD_FLAGS)
+    g, started = glyph(), tmp_path / "started"
+    events = stream(plugin, flood_code(started), g)  # not read until the run is over
+    wait_until_exists(started)
+    # Once a run queued behind the flood on the same glyph is answered, the flood has ended.
+    assert plugin.run("'behind'", g)["result"] == "'behind'"
+
+    events = list(events)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "output" and kinds[-1] == "done"
+    dropped = [e.dropped for e in events if e.WhichOneof("event") == "dropped"]
+    assert dropped, "events were left out without saying so"
+    delivered = kinds.count("update_display_data")
+    assert delivered + sum(d.events for d in dropped) == UPDATES
+    assert delivered * UPDATE_BYTES < HELD_ALLOWANCE, f"{delivered} updates were held for a client reading nothing"
+    assert all(d.bytes > d.events * UPDATE_BYTES for d in dropped)
+    result = json.loads(events[-1].done.result)
+    assert result["success"], result["error"]
+    assert result["outputs"][0]["data"]["text/html"] == "9" + "x" * UPDATE_BYTES
+
+
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
@@ -294,36 +418,6 @@ def test_websocket_runs_code_live_and_answers_ping_during_a_run(provider, tmp_pa
     assert bodies[-1]["glyph_id"] == g and bodies[-1]["id"] == 7
 
     outbox.send(type=Type.CLOSE)
-    assert list(replies) == []
-
-
-def test_websocket_answers_bad_data_with_error_and_goes_on(provider):
-    outbox = Outbox()
-    replies = provider.domain.HandleWebSocket(iter(outbox), timeout=120)
-    bad = [
-        b"not json",
-        b"\xff\xfe\x00",
-        b"[1, 2]",
-        json.dumps({"glyph_id": "g"}).encode(),
-        json.dumps({"code": "   "}).encode(),
-        json.dumps({"code": "1", "glyph_id": 5}).encode(),
-        json.dumps({"code": "1", "upstream": [1]}).encode(),
-    ]
-    for data in bad:
-        outbox.send(type=Type.DATA, data=data)
-        error = next(replies)
-        assert error.type == Type.ERROR, (data, error)
-        sentence = error.data.decode()
-        assert sentence.endswith(".") and len(sentence) > 20, sentence
-    outbox.send(type=Type.PING, timestamp=1)
-    assert next(replies).type == Type.PONG
-
-    g = glyph()
-    outbox.run(glyph_id=g, code="x = upstream['n']\nx * 2", upstream={"n": 21})
-    bodies = [data_body(next(replies)) for _ in range(2)]
-    assert bodies[0]["output"]["data"] == {"text/plain": "42"}
-    assert bodies[1]["type"] == "result" and bodies[1]["result"]["result"] == "42"
-    outbox.half_close()
     assert list(replies) == []
 
 

@@ -27,6 +27,16 @@ def test_wire_numbers_match_the_qntx_contract():
     assert numbers == {"code": 1, "glyph_id": 2, "upstream_attestation": 3}
     numbers = {f.name: f.number for f in python_pb2.PythonExecuteResponse.DESCRIPTOR.fields}
     assert numbers == {"success": 1, "output": 2, "error": 3, "result": 4}
+    # ExecuteStream is ours alone (QNTX never calls it), but a field number once given stays.
+    numbers = {f.name: f.number for f in python_pb2.PythonExecuteEvent.DESCRIPTOR.fields}
+    assert numbers == {
+        "output": 1,
+        "done": 2,
+        "clear_output": 3,
+        "update_display_data": 4,
+        "display_id": 5,
+        "dropped": 6,
+    }
     init = {f.name: f.number for f in domain_pb2.InitializeResponse.DESCRIPTOR.fields}
     assert init["python_provider"] == 9 and init["http_routes"] == 8 and init["handler_names"] == 1
     request = {f.name: f.number for f in domain_pb2.InitializeRequest.DESCRIPTOR.fields}

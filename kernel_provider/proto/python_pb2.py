@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"kernel_provider/proto/python.proto\x12\x08protocol\"T\n\x14PythonExecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08glyph_id\x18\x02 \x01(\t\x12\x1c\n\x14upstream_attestation\x18\x03 \x01(\x0c\"W\n\x15PythonExecuteResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\x0c\"`\n\x12PythonExecuteEvent\x12\x10\n\x06output\x18\x01 \x01(\x0cH\x00\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1f.protocol.PythonExecuteResponseH\x00\x42\x07\n\x05\x65vent2\xac\x01\n\rPythonService\x12J\n\x07\x45xecute\x12\x1e.protocol.PythonExecuteRequest\x1a\x1f.protocol.PythonExecuteResponse\x12O\n\rExecuteStream\x12\x1e.protocol.PythonExecuteRequest\x1a\x1c.protocol.PythonExecuteEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"kernel_provider/proto/python.proto\x12\x08protocol\"T\n\x14PythonExecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08glyph_id\x18\x02 \x01(\t\x12\x1c\n\x14upstream_attestation\x18\x03 \x01(\x0c\"W\n\x15PythonExecuteResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\x0c\"\xfa\x01\n\x12PythonExecuteEvent\x12\x10\n\x06output\x18\x01 \x01(\x0cH\x00\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1f.protocol.PythonExecuteResponseH\x00\x12\x33\n\x0c\x63lear_output\x18\x03 \x01(\x0b\x32\x1b.protocol.PythonClearOutputH\x00\x12\x1d\n\x13update_display_data\x18\x04 \x01(\x0cH\x00\x12\x30\n\x07\x64ropped\x18\x06 \x01(\x0b\x32\x1d.protocol.PythonDroppedEventsH\x00\x12\x12\n\ndisplay_id\x18\x05 \x01(\tB\x07\n\x05\x65vent\"!\n\x11PythonClearOutput\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"4\n\x13PythonDroppedEvents\x12\x0e\n\x06\x65vents\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x32\xac\x01\n\rPythonService\x12J\n\x07\x45xecute\x12\x1e.protocol.PythonExecuteRequest\x1a\x1f.protocol.PythonExecuteResponse\x12O\n\rExecuteStream\x12\x1e.protocol.PythonExecuteRequest\x1a\x1c.protocol.PythonExecuteEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PYTHONEXECUTEREQUEST']._serialized_end=132
   _globals['_PYTHONEXECUTERESPONSE']._serialized_start=134
   _globals['_PYTHONEXECUTERESPONSE']._serialized_end=221
-  _globals['_PYTHONEXECUTEEVENT']._serialized_start=223
-  _globals['_PYTHONEXECUTEEVENT']._serialized_end=319
-  _globals['_PYTHONSERVICE']._serialized_start=322
-  _globals['_PYTHONSERVICE']._serialized_end=494
+  _globals['_PYTHONEXECUTEEVENT']._serialized_start=224
+  _globals['_PYTHONEXECUTEEVENT']._serialized_end=474
+  _globals['_PYTHONCLEAROUTPUT']._serialized_start=476
+  _globals['_PYTHONCLEAROUTPUT']._serialized_end=509
+  _globals['_PYTHONDROPPEDEVENTS']._serialized_start=511
+  _globals['_PYTHONDROPPEDEVENTS']._serialized_end=563
+  _globals['_PYTHONSERVICE']._serialized_start=566
+  _globals['_PYTHONSERVICE']._serialized_end=738
 # @@protoc_insertion_point(module_scope)
