@@ -201,11 +201,6 @@ def test_the_glyph_runs_code_live_and_shows_what_a_notebook_shows(browser, canva
     page.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs issue 14's live clear_output/update_display_data events (kernel_provider/live.py); "
-    "remove this marker when that is merged",
-)
 def test_clear_output_and_display_updates_are_honoured_while_live(browser, canvas, tmp_path):
     from playwright.sync_api import expect
 
