@@ -94,7 +94,6 @@ def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
     )
 
 
-
 def _valid_text(text: str) -> str:
     # Kernels can send lone surrogates; protobuf strings must be valid UTF-8.
     return text.encode("utf-8", "replace").decode("utf-8")
