@@ -11,12 +11,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nbformat
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from kernel_provider.history import Run
+
+if TYPE_CHECKING:
+    import nbformat
+
+# nbformat is imported where a notebook is made, not with this module: its schema validator
+# compiles a grammar on import (0.8 s of CPU), which every provider start paid for nothing.
 
 # What the kernel sends beside an output that a notebook file does not keep.
 _NOT_IN_NOTEBOOKS = ("transient",)
@@ -32,6 +37,8 @@ def kernelspec_metadata(kernel_name: str) -> dict[str, str]:
 
 def notebook_of(runs: list[Run]) -> nbformat.NotebookNode:
     """The .ipynb of ``runs`` (not empty); valid by nbformat.validate."""
+    import nbformat
+
     spec = kernelspec_metadata(runs[-1].kernel_name)
     cells = [
         nbformat.v4.new_code_cell(
@@ -48,6 +55,8 @@ def notebook_of(runs: list[Run]) -> nbformat.NotebookNode:
 
 
 def notebook_output(output: dict[str, Any]) -> nbformat.NotebookNode:
+    import nbformat
+
     kept = {key: value for key, value in output.items() if key not in _NOT_IN_NOTEBOOKS}
     if kept["output_type"] in ("display_data", "execute_result"):
         kept.setdefault("metadata", {})
@@ -78,6 +87,8 @@ def notebook_command(args: argparse.Namespace) -> int:
             reason = response.body.decode("utf-8", "replace")
         print(f"kernel-provider: {reason}", file=sys.stderr)
         return 1
+    import nbformat
+
     # Written as Jupyter writes notebooks (indented, sorted keys), after checking it is one.
     text = nbformat.writes(nbformat.reads(response.body.decode("utf-8"), as_version=4))
     if args.output is None:
