@@ -98,7 +98,9 @@ class WatcherRunners:
             try:
                 await runner.stop()
             finally:
-                self._fresh.pop(runner).release()
+                slots = self._fresh.pop(runner, None)  # gone when close() stopped it first
+                if slots is not None:
+                    slots.release()
             return
         kernel = runner.kernel
         if kernel is not None:
