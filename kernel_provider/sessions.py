@@ -398,8 +398,11 @@ class SessionManager:
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
         self._resuming: dict[str, asyncio.Future] = {}  # glyph -> re-attaching its surviving kernel
         self._culler: asyncio.Task | None = None
-        # Each glyph's runs, for `GET /kernels/{glyph}/notebook` (see history.py).
-        self.history = SessionHistory()
+        # Each glyph's runs, for `GET /kernels/{glyph}/notebook` (see history.py); kept on disk
+        # where the sessions themselves survive a restart (kernels on a gateway).
+        self.history = SessionHistory(
+            folder=settings.resolved_state_dir() / "notebooks" if settings.gateway_url else None
+        )
 
     async def start(self) -> None:
         """Clean what a killed predecessor left, warm the pool, and start culling idle kernels."""

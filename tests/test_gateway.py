@@ -483,3 +483,25 @@ def test_runs_without_a_glyph_use_gateway_kernels_that_stop_with_the_provider(st
     assert children_of(plugin.process.pid) == []
     assert plugin.stop() == 0
     assert gateway.kernel_ids() == set()  # no glyph to re-attach it to: stopped, not left behind
+
+
+def test_a_glyphs_notebook_survives_a_restart_with_its_kernel(start_provider):
+    """Issue 12: the session history outlives the provider wherever the session does."""
+    first = start_provider()
+    first.run("x = 6", "noted")
+    first.run("x * 7", "noted")
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+    second = start_provider()
+    second.run("x + 1", "noted")
+    status, _, notebook = http(second, "GET", "/kernels/noted/notebook")
+    assert status == 200
+    cells = notebook["cells"]
+    assert ["".join(c["source"]) for c in cells] == ["x = 6", "x * 7", "x + 1"]
+    assert cells[1]["outputs"][0]["data"]["text/plain"] == "42"
+    folder = start_provider.state_dir / "notebooks"
+    assert [f.stat().st_mode & 0o777 for f in folder.glob("history-*.json")] == [0o600]
+    assert folder.stat().st_mode & 0o777 == 0o700
+    # DELETE forgets the record, on disk too.
+    assert http(second, "DELETE", "/kernels/noted")[0] == 200
+    assert list(folder.glob("history-*.json")) == []
