@@ -143,8 +143,37 @@ def test_a_folder_too_deep_for_socket_paths_falls_back_to_loopback_tcp(tmp_path)
         (connection_file,) = deep.glob("kernel-*.json")
         info = json.loads(connection_file.read_text())
         assert (info["transport"], info["ip"]) == ("tcp", "127.0.0.1")
+        # Said once on stderr, since any local user can reach a TCP kernel (issue 9, point 11).
+        warnings = [line for line in plugin.stderr_lines if "too deep for unix socket paths" in line]
+        assert len(warnings) == 1 and "--connection-dir" in warnings[0]
     finally:
         assert plugin.stop() == 0
+
+
+def test_the_provider_listens_on_its_grpc_port_alone(fresh_provider):
+    """Issue 9, point 10: there is no callback port to flood; attest() uses the kernel's own channel."""
+    plugin = fresh_provider()
+    assert plugin.run("attest", "listener")["success"]  # a kernel with attest() is up
+    assert listening_ports(plugin.process.pid) == [plugin.port]
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports that the process ``pid`` listens on (Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
 
 
 def test_sigkill_leaves_no_kernel_behind_and_the_next_start_is_clean(tmp_path):
