@@ -161,8 +161,8 @@ def stop_process(process: subprocess.Popen[str]) -> None:
 @contextmanager
 def running_provider(
     kernel: str, initialize: bool = True, extra_flags: list[str] | None = None
-) -> Iterator[tuple[python_pb2_grpc.PythonServiceStub, domain_pb2_grpc.DomainPluginServiceStub, int]]:
-    """Launch (and initialize) the plugin; yield its two services and pid; shut it down however we leave."""
+) -> Iterator[tuple[python_pb2_grpc.PythonServiceStub, domain_pb2_grpc.DomainPluginServiceStub, int, int]]:
+    """Launch (and initialize) the plugin; yield its two services, pid and port; shut it down however we leave."""
     process = subprocess.Popen(plugin_command(kernel, extra_flags), stdout=subprocess.PIPE, text=True)
     try:
         port = read_port(process)
@@ -171,7 +171,7 @@ def running_provider(
             if initialize:
                 plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
             try:
-                yield python_pb2_grpc.PythonServiceStub(channel), plugin, process.pid
+                yield python_pb2_grpc.PythonServiceStub(channel), plugin, process.pid, port
             finally:
                 try:
                     plugin.Shutdown(domain_pb2.Empty(), timeout=STOP_TIMEOUT)
@@ -278,7 +278,7 @@ def wait_until_pool_is_full(plugin: domain_pb2_grpc.DomainPluginServiceStub) -> 
 
 def first_run_after_initialize(kernel: str) -> float:
     """A new glyph's first run sent the moment Initialize returns, in ms (Initialize included)."""
-    with running_provider(kernel, initialize=False) as (stub, plugin, _):
+    with running_provider(kernel, initialize=False) as (stub, plugin, _, _):
         plugin.Health(domain_pb2.Empty(), timeout=START_TIMEOUT, wait_for_ready=True)  # the server is up
         started = time.perf_counter()
         plugin.Initialize(domain_pb2.InitializeRequest(), timeout=START_TIMEOUT)
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = Baseline(args.kernel)
     try:
         baseline.start()
-        with running_provider(args.kernel) as (stub, plugin, pid):
+        with running_provider(args.kernel) as (stub, plugin, pid, _):
             baseline.timed_calls(WARMUP_CALLS)
             provider_timed_calls(stub, WARMUP_CALLS)  # the first call also starts the glyph's kernel
             base_cpu, prov_cpu = CPUMeter(time.process_time), CPUMeter(functools.partial(process_cpu_seconds, pid))

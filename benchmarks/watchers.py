@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import threading
@@ -97,23 +98,33 @@ def concurrently(work, callers: int = CALLERS) -> list[float]:
     return [t for times in results for t in times]
 
 
-def sustained(stub, seconds: float) -> tuple[int, float]:
-    """Runs without a glyph from CALLERS callers for ``seconds``; (runs, runs per second)."""
+def sustained(port: int, seconds: float) -> tuple[int, float]:
+    """Runs without a glyph from CALLERS callers for ``seconds``; (runs, runs per second).
+
+    Runs in a process of its own (see main): callers sharing this process's GIL with the thread
+    that times the glyph beside them would slow that thread, not the provider.
+    """
+    import grpc
+
+    from kernel_provider.proto import python_pb2_grpc
+
     stop = time.monotonic() + seconds
     counts = [0] * CALLERS
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = python_pb2_grpc.PythonServiceStub(channel)
 
-    def caller(index: int) -> list[float]:
-        n = 0
-        while time.monotonic() < stop:
-            run_index = index * 1_000_000 + n
-            check(stub.Execute(watcher_request(run_index), timeout=CALL_TIMEOUT), run_index)
-            n += 1
-        counts[index] = n
-        return []
+        def caller(index: int) -> list[float]:
+            n = 0
+            while time.monotonic() < stop:
+                run_index = index * 1_000_000 + n
+                check(stub.Execute(watcher_request(run_index), timeout=CALL_TIMEOUT), run_index)
+                n += 1
+            counts[index] = n
+            return []
 
-    started = time.perf_counter()
-    concurrently(caller)
-    elapsed = time.perf_counter() - started
+        started = time.perf_counter()
+        concurrently(caller)
+        elapsed = time.perf_counter() - started
     return sum(counts), sum(counts) / elapsed
 
 
@@ -122,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed runs of each kind (default 200)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the sustained load (default 30)")
     parser.add_argument("--watcher-mode", default="reset", choices=["reset", "fresh"])
+    parser.add_argument("--watcher-kernels", type=int, help="runner kernels (default: the provider's)")
     parser.add_argument("--kernel", default="python3")
     args = parser.parse_args(argv)
     # The default mode needs no flag, so the same script also measures providers that predate it.
     extra = [] if args.watcher_mode == "reset" else ["--watcher-mode", args.watcher_mode]
+    if args.watcher_kernels:
+        extra += ["--watcher-kernels", str(args.watcher_kernels)]
     try:
-        with running_provider(args.kernel, extra_flags=extra) as (stub, _, _):
+        with running_provider(args.kernel, extra_flags=extra) as (stub, _, _, port):
             glyph_runs(stub, "steady", 20)
             watcher_runs(stub, 20, start=-20)
             glyph_seq = glyph_runs(stub, "steady", args.runs)
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             thread = threading.Thread(target=glyph_beside)
             thread.start()
             try:
-                total, per_second = sustained(stub, args.seconds)
+                with multiprocessing.get_context("spawn").Pool(1) as load:
+                    total, per_second = load.apply(sustained, (port, args.seconds))
             finally:
                 done.set()
                 thread.join()

@@ -24,7 +24,7 @@ DEFAULT_POOL_SIZE = 1
 DEFAULT_IDLE_TIMEOUT = 3600.0
 DEFAULT_MAX_KERNELS = 64
 # Runs without a glyph (QNTX's watcher actions): runner kernels at once, and runs that may wait.
-DEFAULT_WATCHER_KERNELS = 4
+DEFAULT_WATCHER_KERNELS = 8  # started only as runs come; about 50 MB each
 DEFAULT_WATCHER_QUEUE = 1000
 WATCHER_MODES = ("reset", "fresh")
 # An idle ipykernel already uses about 140 MB of data memory; below this it could not start.

@@ -35,7 +35,7 @@ def test_serve_help_shows_every_default():
         ("--idle-timeout", "3600"),
         ("--max-kernels", "64"),
         ("--log-level", "info"),
-        ("--watcher-kernels", "4"),
+        ("--watcher-kernels", "8"),
         ("--watcher-mode", "reset"),
     ]:
         described = " ".join(entries[flag].split())
