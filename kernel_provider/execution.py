@@ -438,19 +438,24 @@ async def request_reply(
         connection.forget(inbox)
 
 
+def _silent_content(code: str) -> dict[str, Any]:
+    """An execute_request's content that leaves no trace: no history, no outputs, no input."""
+    return {"code": code, "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+
+
 def send_silently(connection: KernelConnection, code: str) -> None:
     """Queue set-up code ahead of the next request without waiting for it.
 
     The kernel runs shell requests in arrival order, so the next run sees what this did;
     for code that cannot fail (an assignment), this saves the first run a round trip.
     """
-    content = {"code": code, "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+    content = _silent_content(code)
     connection.forget(connection.request("shell", "execute_request", content))
 
 
 async def run_silently(connection: KernelConnection, code: str, *, timeout: float) -> None:
     """Run set-up code that must not show up in history or outputs; raise if it fails."""
-    content = {"code": code, "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+    content = _silent_content(code)
     answer = await request_reply(connection, "execute_request", content, timeout=timeout)
     if answer.get("status") != "ok":
         raise RuntimeError(f"kernel set-up failed: {answer.get('ename')}: {answer.get('evalue')}")
@@ -507,7 +512,7 @@ async def interrupt_until_idle(
     by the kernel, hence one more each second.
     """
     await interrupt()
-    content = {"code": "", "silent": True, "store_history": False, "allow_stdin": False, "user_expressions": {}}
+    content = _silent_content("")
     inbox = connection.request("shell", "execute_request", content)
     deadline = time.monotonic() + grace
     try:

@@ -101,7 +101,6 @@ class KernelSession:
         kernel_name: str,
         supply: Supply,
         attestations: AttestationService | None = None,
-        memory_limit_mb: int | None = None,
         actor: str | None = None,
     ):
         self.glyph_id = glyph_id
@@ -111,7 +110,6 @@ class KernelSession:
         # decides who is acting, from whose kernel asked.
         self.attestations = attestations
         self.actor = actor or f"glyph:{glyph_id}"
-        self.memory_limit_mb = memory_limit_mb
         self.lock = asyncio.Lock()
         self.callers = 0  # runs asked for and not yet answered, queued ones included
         self.last_activity = time.time()
@@ -498,7 +496,6 @@ class SessionManager:
             kernel_name,
             self.supply,
             self.attestations,
-            memory_limit_mb=self.settings.kernel_memory_limit,
             # A run without a glyph is a QNTX watcher action: it has no glyph to name, and
             # its attestations say a watcher of this plugin made them.
             actor=None if glyph_id else f"watcher:{self.settings.name}",
