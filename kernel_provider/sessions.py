@@ -9,6 +9,7 @@ interrupt, a crash) are mended here by starting the glyph a fresh kernel.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import logging
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PRELUDE_SOURCE = Path(prelude.__file__).read_text()
+# The prelude's functions, deleted from the user namespace once set-up has run.
+_PRELUDE_NAMES = tuple(node.name for node in ast.parse(_PRELUDE_SOURCE).body if isinstance(node, ast.FunctionDef))
 
 
 # How long an interrupt waits for a queued or starting run to begin its code.
@@ -503,11 +506,8 @@ class SessionManager:
 
     def _kernel_setup(self) -> str:
         """The code every kernel runs once it is up, before any glyph claims it (see prelude.py)."""
-        setup = f"_kernel_provider_setup({self.settings.kernel_memory_limit!r})"
-        return (
-            f"{_PRELUDE_SOURCE}\n{setup}\n"
-            "del _kernel_provider_setup, _install_reset, _attestation_functions, _keep_lone_surrogates\n"
-        )
+        setup = f"_kernel_provider_setup({self.settings.kernel_memory_limit!r}, {_PRELUDE_NAMES!r})"
+        return f"{_PRELUDE_SOURCE}\n{setup}\ndel {', '.join(_PRELUDE_NAMES)}\n"
 
     async def _retire(self, session: KernelSession, reason: str | None = None) -> None:
         """Forget a glyph's session and stop its kernel; ``reason`` is told at the glyph's next run.

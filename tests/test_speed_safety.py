@@ -196,3 +196,29 @@ def test_a_pooled_kernel_whose_file_was_removed_is_stopped_not_leaked(fresh_prov
     # Its slot came back: the glyph's kernel and a refilled pool fit under the ceiling of two.
     wait_for(lambda: plugin.health().details["pooled_kernels"] == "1", what="the pool to refill")
     assert len(plugin.kernel_pids()) == 2
+
+
+def test_the_preludes_own_functions_are_not_left_in_a_glyphs_namespace(provider):
+    """Set-up deletes every function the prelude defined; a glyph sees only what it is promised."""
+    import ast
+    from pathlib import Path
+
+    import kernel_provider.prelude
+
+    source = Path(kernel_provider.prelude.__file__).read_text()
+    helpers = [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
+    assert len(helpers) >= 5
+    result = provider.run(f"print(sorted(set({helpers!r}) & set(globals())))", "prelude-names")
+    assert result["success"], result["error"]
+    assert result["stdout"] == "[]\n"
+    assert provider.run("print(callable(attest), callable(last))", "prelude-names")["stdout"] == "True True\n"
+
+
+def test_output_without_a_newline_still_arrives_with_its_run(provider):
+    """Empty flushes are skipped (prelude); a stream holding text is still flushed before the reply."""
+    code = "import sys\nprint('partial', end='')\nsys.stderr.write('err-partial')\n"
+    code += "sys.stdout.flush()\nprint('', end='')"
+    for _ in range(3):
+        result = provider.run(code, "unflushed")
+        assert result["success"], result["error"]
+        assert result["stdout"] == "partial" and result["stderr"] == "err-partial"
