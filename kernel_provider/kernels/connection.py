@@ -55,8 +55,19 @@ class Inbox:
         self.closed = False
 
     async def put(self, channel: str, msg: Message) -> None:
+        """Add a message, waiting while the inbox is full."""
         if not self.closed:
             await self._queue.put((channel, msg))
+
+    def offer(self, channel: str, msg: Message) -> bool:
+        """Add a message if there is room (a closed inbox takes and drops it); False when full."""
+        if self.closed:
+            return True
+        try:
+            self._queue.put_nowait((channel, msg))
+        except asyncio.QueueFull:
+            return False
+        return True
 
     async def get(self, timeout: float) -> tuple[str, Message]:
         """The next message; TimeoutError when none came within ``timeout`` seconds."""
@@ -83,7 +94,8 @@ class KernelConnection:
     """Send requests to one kernel and route the messages that answer them.
 
     Subclasses move frames: ``_send`` puts one message on a channel, and their reading
-    loop calls ``_deliver`` for each message that arrives.
+    loop hands each message that arrives to the inbox of the request it answers
+    (``_deliver``, or the same steps done in place).
     """
 
     def __init__(self) -> None:
@@ -147,7 +159,8 @@ class KernelConnection:
         if inbox is None:
             self.dropped += 1
             return
-        await inbox.put(channel, msg)
+        if not inbox.offer(channel, msg):
+            await inbox.put(channel, msg)
 
     async def ready(self, timeout: float) -> None:
         """Wait until every channel can carry messages both ways (transports that need it)."""
@@ -163,7 +176,15 @@ class KernelConnection:
 
 
 class ZMQConnection(KernelConnection):
-    """Jupyter's wire protocol over zmq: shell and stdin DEALERs, an iopub SUB, HMAC-signed frames."""
+    """Jupyter's wire protocol over zmq: shell and stdin DEALERs, an iopub SUB, HMAC-signed frames.
+
+    The sockets are plain zmq sockets read from the event loop's own reader callbacks rather
+    than zmq.asyncio sockets: a glyph run reads five or six messages, and zmq.asyncio spends a
+    future, a task step and several enum conversions on each. A zmq socket's descriptor only
+    signals a change of state, so every callback reads until the socket is empty, and every
+    send is followed by a look at whether messages arrived meanwhile (the send may have taken
+    the signal that announced them); without that, a message could wait unread forever.
+    """
 
     CHANNELS = {"shell": zmq.DEALER, "stdin": zmq.DEALER, "iopub": zmq.SUB}
 
@@ -174,11 +195,13 @@ class ZMQConnection(KernelConnection):
         scheme = info.get("signature_scheme", "hmac-sha256")
         digest = getattr(hashlib, scheme.split("-", 1)[1])
         self._auth = hmac.new(key, digestmod=digest) if key else None
+        self._loop = asyncio.get_running_loop()
         context = zmq.asyncio.Context.instance()
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._sockets: dict[str, zmq.Socket] = {}
         self._stdin_monitor: zmq.asyncio.Socket | None = None
+        self._stalled: set[str] = set()  # channels not read until a full inbox has room
         for channel, kind in self.CHANNELS.items():
-            sock = context.socket(kind)
+            sock = zmq.Socket(context, kind)  # a plain socket, though the context is the asyncio one
             sock.linger = 0
             if kind == zmq.DEALER:
                 # The kernel sends input_request to the identity of the shell request's
@@ -189,11 +212,13 @@ class ZMQConnection(KernelConnection):
             if channel == "stdin":
                 # The kernel's stdin ROUTER silently drops what it sends to a peer whose
                 # handshake has not finished: the first attest() of a fresh kernel would
-                # wait forever. ready() waits for that handshake.
+                # wait forever. ready() waits for that handshake. (The monitor is made by
+                # the asyncio context, so it is an asyncio socket.)
                 self._stdin_monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sock.connect(_url(info, f"{channel}_port"))
             self._sockets[channel] = sock
-        self._readers = [asyncio.ensure_future(self._read(channel)) for channel in ("shell", "iopub", "stdin")]
+        for channel in ("shell", "iopub", "stdin"):
+            self._loop.add_reader(self._sockets[channel].FD, self._read, channel)
 
     async def ready(self, timeout: float) -> None:
         """Wait until the kernel's stdin socket knows us (see __init__); TimeoutError otherwise."""
@@ -216,53 +241,93 @@ class ZMQConnection(KernelConnection):
 
     def _send(self, channel: str, msg: Message) -> None:
         parts = [_pack(msg["header"]), _pack(msg["parent_header"]), _pack(msg["metadata"]), _pack(msg["content"])]
-        self._sockets[channel].send_multipart([DELIM, self._sign(parts), *parts])
+        sock = self._sockets[channel]
+        try:
+            sock.send_multipart([DELIM, self._sign(parts), *parts], zmq.NOBLOCK)
+        except zmq.Again:
+            # Only a kernel that reads nothing lets a thousand messages pile up (the socket's
+            # high-water mark); requests are bounded well below that.
+            raise ConnectionClosed("the kernel is not reading its messages") from None
+        self._read_soon_if_waiting(channel)
 
-    async def _read(self, channel: str) -> None:
+    def _read_soon_if_waiting(self, channel: str) -> None:
+        # Sending (or asking for events) may consume the signal of messages that arrived.
+        if channel not in self._stalled and self._sockets[channel].get(zmq.EVENTS) & _POLLIN:
+            self._loop.call_soon(self._read, channel)
+
+    def _read(self, channel: str) -> None:
+        """Read every message waiting on a channel and hand each to the request it answers."""
+        if self.closed or channel in self._stalled:
+            return
         sock = self._sockets[channel]
         while True:
             try:
-                frames = await sock.recv_multipart()
-            except (asyncio.CancelledError, zmq.ZMQError):
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            try:
-                start = frames.index(DELIM) + 1
-                signature, parts = frames[start], frames[start + 1 : start + 5]
-                parent = json.loads(parts[1])
-                # Decode only what someone waits for: output between runs costs one small parse.
-                if not self.wants(parent.get("msg_id")):
-                    self.dropped += 1
-                    continue
-                if not hmac.compare_digest(self._sign(parts), signature):
-                    log.warning("dropping a %s message with a bad signature", channel)
-                    continue
-                header = json.loads(parts[0])
-                msg = {
-                    "header": header,
-                    "msg_id": header.get("msg_id"),
-                    "msg_type": header.get("msg_type"),
-                    "parent_header": parent,
-                    "metadata": json.loads(parts[2]),
-                    "content": json.loads(parts[3]),
-                }
-            except (ValueError, IndexError, TypeError):
-                log.warning("dropping a malformed %s message", channel)
+            except zmq.ZMQError:  # closed under us
+                return
+            msg = self._parse(channel, frames)
+            if msg is None:
                 continue
-            await self._deliver(channel, msg)
+            inbox = self._inboxes.get(msg["parent_header"].get("msg_id"))
+            if inbox is None:
+                self.dropped += 1
+            elif not inbox.offer(channel, msg):
+                # The reader is behind: stop reading this channel until it catches up, so a
+                # flood waits in zmq's own bounded buffers rather than in ours.
+                self._stalled.add(channel)
+                asyncio.ensure_future(self._resume_when_room(channel, inbox, msg))
+                return
+
+    async def _resume_when_room(self, channel: str, inbox: Inbox, msg: Message) -> None:
+        try:
+            await inbox.put(channel, msg)
+        finally:
+            self._stalled.discard(channel)
+        if not self.closed:
+            self._read(channel)
+
+    def _parse(self, channel: str, frames: list[bytes]) -> Message | None:
+        try:
+            start = frames.index(DELIM) + 1
+            signature, parts = frames[start], frames[start + 1 : start + 5]
+            parent = json.loads(parts[1])
+            # Decode only what someone waits for: output between runs costs one small parse.
+            if not self.wants(parent.get("msg_id")):
+                self.dropped += 1
+                return None
+            if not hmac.compare_digest(self._sign(parts), signature):
+                log.warning("dropping a %s message with a bad signature", channel)
+                return None
+            header = json.loads(parts[0])
+            return {
+                "header": header,
+                "msg_id": header.get("msg_id"),
+                "msg_type": header.get("msg_type"),
+                "parent_header": parent,
+                "metadata": json.loads(parts[2]),
+                "content": json.loads(parts[3]),
+            }
+        except (ValueError, IndexError, TypeError):
+            log.warning("dropping a malformed %s message", channel)
+            return None
 
     async def close(self) -> None:
         if self.closed:
             return
         await super().close()
-        for reader in self._readers:
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
         if self._stdin_monitor is not None:
             self._stdin_monitor.close(linger=0)
             self._stdin_monitor = None
         for sock in self._sockets.values():
+            with contextlib.suppress(zmq.ZMQError, ValueError, RuntimeError):
+                self._loop.remove_reader(sock.FD)
             with contextlib.suppress(zmq.ZMQError):
                 sock.close(linger=0)
+
+
+_POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic costs an enum call per message
 
 
 def _url(info: dict[str, Any], port_key: str) -> str:
