@@ -43,7 +43,15 @@ def _kernel_provider_setup(memory_limit_mb=None, prelude_names=()):
         if request is not None:
             ip.user_ns["upstream"] = request.get("upstream")
 
+    def set_glyph_id():
+        # The glyph whose kernel this is comes with each of its runs (silent ones too, hence
+        # pre_execute): claiming a pooled kernel then costs the kernel no run of its own.
+        request = provider_request()
+        if request is not None and request.get("glyph_id"):
+            ip.user_ns["__glyph_id__"] = request["glyph_id"]
+
     ip.events.register("pre_run_cell", set_upstream)
+    ip.events.register("pre_execute", set_glyph_id)
     functions = _attestation_functions(ask_provider, provider_request)
     ip.user_ns.update(functions)
     _install_reset(ip, functions, prelude_names)
@@ -59,6 +67,9 @@ def _kernel_provider_setup(memory_limit_mb=None, prelude_names=()):
     kernel.getpass = no_input
     _keep_lone_surrogates(ip)
     _skip_empty_flushes()
+    # IPython builds its display formatters at the first value a cell shows: do it now, while
+    # the kernel waits in the pool, not in a glyph's first run (1-2 ms).
+    ip.display_formatter.format(0)
 
 
 def _skip_empty_flushes():

@@ -198,7 +198,7 @@ class KernelSession:
                 output_limit=request.output_limit,
                 is_alive=kernel.is_alive,
                 interrupt=kernel.interrupt,
-                request_metadata={"upstream": request.upstream},
+                request_metadata={"upstream": request.upstream, "glyph_id": self.glyph_id},
                 on_event=request.on_event,
                 on_started=self.code_running.set,
                 on_service_call=self._service_call,
@@ -298,11 +298,11 @@ class KernelSession:
 
     async def _start(self, timeout: float = KERNEL_START_TIMEOUT) -> None:
         kernel = await self.supply.obtain(self.kernel_name, self.glyph_id or None, timeout)
-        # The prelude ran when the kernel started (KernelSupply's set-up code); what is left is
-        # to say whose kernel it is now, queued ahead of the glyph's first run. A runner of runs
-        # without a glyph (watcher actions, which come in bursts) yields the CPU to glyphs.
-        claim = f"__glyph_id__ = {self.glyph_id!r}" if self.glyph_id else f"__import__('os').nice({RUNNER_NICENESS})"
-        send_silently(kernel.connection, claim)
+        # The prelude ran when the kernel started (KernelSupply's set-up code), and each run
+        # tells the kernel its glyph (run metadata). A runner of runs without a glyph (watcher
+        # actions, which come in bursts) yields the CPU to glyphs, from before its first run.
+        if not self.glyph_id:
+            send_silently(kernel.connection, f"__import__('os').nice({RUNNER_NICENESS})")
         self.kernel = kernel
         self.kernel_id = getattr(kernel, "kernel_id", None) or str(uuid.uuid4())
         self.execution_count = 0
@@ -476,7 +476,7 @@ class SessionManager:
         if self._closing:
             raise ProviderClosing("the provider is shutting down")
         request = RunRequest(
-            code="",
+            code="pass",  # not "": IPython skips an empty cell's pre_execute, which names the glyph
             upstream=None,
             timeout=timeout,
             output_limit=self.settings.max_output_bytes,

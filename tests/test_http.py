@@ -118,6 +118,14 @@ def test_evaluate_returns_json_values_or_their_text(provider):
     assert provider.run("1", g)["execution_count"] == 2
 
 
+def test_evaluate_on_a_glyphs_first_request_knows_the_glyph(provider):
+    """The glyph's id reaches its kernel with each request, the silent ones of /evaluate too."""
+    g = glyph()
+    status, _, answer = http(provider, "POST", "/evaluate", {"expr": "__glyph_id__", "glyph_id": g})
+    assert status == 200 and answer["result"] == g
+    assert provider.run("print(__glyph_id__)", g)["stdout"] == g + "\n"
+
+
 def test_evaluate_rejects_a_missing_expression(provider):
     status, _, answer = http(provider, "POST", "/evaluate", {"glyph_id": glyph()})
     assert status == 400 and "expr" in answer["error"]
