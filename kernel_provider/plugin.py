@@ -91,8 +91,9 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
                 "pool_size": str(self.provider.settings.pool_size),
                 # Every kernel process started since the provider began (pool and glyphs).
                 "kernels_started": str(self.provider.sessions.supply.started),
-                # Runs without a glyph (watcher actions): mode, runners, busy, queued, queue_limit, runs.
-                **{f"watcher_{k}": str(v) for k, v in self.provider.sessions.watchers.status().items()},
+                # Runs without a glyph (watcher actions): mode, runners, busy, queued, queue_limit,
+                # runs, and whether they are paced beside active glyphs (watchers.GlyphsFirst).
+                **{f"watcher_{k}": _detail(v) for k, v in self.provider.sessions.watchers.status().items()},
                 **self.provider.loop_lag.details(),
                 "max_kernels": str(self.provider.settings.max_kernels),
                 "version": self.provider.version,
@@ -136,3 +137,8 @@ class DomainPluginServicer(domain_pb2_grpc.DomainPluginServiceServicer):
         async with aclosing(serve_websocket(self.provider, request_iterator, context)) as replies:
             async for reply in replies:
                 yield reply
+
+
+def _detail(value: object) -> str:
+    """A Health detail as text; booleans as JSON writes them."""
+    return json.dumps(value) if isinstance(value, bool) else str(value)

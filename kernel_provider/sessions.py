@@ -302,7 +302,7 @@ class KernelSession:
         # tells the kernel its glyph (run metadata). A runner of runs without a glyph (watcher
         # actions, which come in bursts) yields the CPU to glyphs, from before its first run.
         if not self.glyph_id:
-            send_silently(kernel.connection, f"__import__('os').nice({RUNNER_NICENESS})")
+            send_silently(kernel.connection, f"__import__('_kernel_provider').lower_priority({RUNNER_NICENESS})")
         self.kernel = kernel
         self.kernel_id = getattr(kernel, "kernel_id", None) or str(uuid.uuid4())
         self.execution_count = 0
@@ -463,7 +463,8 @@ class SessionManager:
             notice = f"glyph moved from kernelspec {session.kernel_name!r} to {kernel_name!r}; its state was reset."
         session = self._session(glyph_id, kernel_name)
         try:
-            result = await session.run(request)
+            with self.watchers.glyphs_first.glyph_run():
+                result = await session.run(request)
         finally:
             self._forget_if_kernelless(session)
         if notice:
@@ -486,7 +487,8 @@ class SessionManager:
         if glyph_id:
             session = self._session(glyph_id)
             try:
-                result, answers = await session.run_with_expressions(request)
+                with self.watchers.glyphs_first.glyph_run():
+                    result, answers = await session.run_with_expressions(request)
             finally:
                 self._forget_if_kernelless(session)
         else:

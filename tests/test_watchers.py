@@ -9,11 +9,13 @@ harm no later run, runs that never see each other's output, glyphs left alone.
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 
 import pytest
 
-from conftest import http
+from conftest import LAUNCH_TIMEOUT, http
 
 
 def watcher_code(attestation: dict, body: str) -> str:
@@ -136,3 +138,87 @@ def test_last_values_and_history_bindings_are_gone_too(provider):
         assert "secret" not in result["result"]
     leftover = provider.run("[n for n in dir() if 'kernel_provider' in n or n == '_attestation_functions']", "")
     assert leftover["result"] == "[]"
+
+
+def _wait_for_health(plugin, key: str, value: str) -> None:
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while plugin.health().details.get(key) != value:
+        assert time.monotonic() < deadline, f"Health never said {key}={value}"
+        time.sleep(0.05)
+
+
+def _spans(results: list[dict]) -> list[tuple[float, float]]:
+    for result in results:
+        assert result["success"], result["error"]
+    return sorted(tuple(map(float, r["stdout"].split())) for r in results)
+
+
+def _run_side_by_side(plugin, code: str, count: int) -> list[dict]:
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(plugin.run(code, ""))) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_beside_a_running_glyph_watcher_runs_take_turns_and_rest_but_go_on(fresh_provider, tmp_path):
+    """Glyphs first: while a glyph runs, runs without a glyph go one at a time, each runner
+    resting as long as it worked; and they still run while the glyph never ends."""
+    plugin = fresh_provider()
+    release = tmp_path / "release-the-glyph"
+    glyph_code = f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.01)\n'released'"
+    glyph_result: list[dict] = []
+    glyph = threading.Thread(target=lambda: glyph_result.append(plugin.run(glyph_code, "long-glyph")))
+    glyph.start()
+    try:
+        _wait_for_health(plugin, "watcher_glyphs_active", "true")
+        code = "import time\nstarted = time.time()\ntime.sleep(0.3)\nprint(started, time.time())"
+        spans = _spans(_run_side_by_side(plugin, code, 4))
+    finally:
+        release.touch()
+        glyph.join()
+    # All four ran while the glyph was still running: watchers slow down, they do not stop.
+    assert glyph_result[0]["result"] == "'released'"
+    for (start, end), (next_start, _) in zip(spans, spans[1:], strict=False):
+        assert next_start >= end, f"two watcher runs overlapped beside a running glyph: {spans}"
+        # The provider counts a runner busy from before the code starts until its reset is
+        # done, and rests it as long: the gap is at least the run itself.
+        assert next_start - end >= (end - start) * 0.95, f"no rest between watcher runs: {spans}"
+    assert int(plugin.health().details["watcher_paced_for_glyphs"]) >= 3
+
+
+def test_with_no_glyph_active_watcher_runs_go_side_by_side(fresh_provider, tmp_path):
+    """Pacing is only beside glyphs: with none active, two runs wait for each other and both finish."""
+    plugin = fresh_provider()
+    assert plugin.run("1", "a-glyph")["success"]
+    _wait_for_health(plugin, "watcher_glyphs_active", "false")
+    # Each run marks its arrival and waits (up to a minute) for the other's mark: runs that
+    # went one at a time would not both succeed.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    code = (
+        f"import os, time, uuid\nfolder = {str(marks)!r}\n"
+        "open(os.path.join(folder, uuid.uuid4().hex), 'w').close()\n"
+        "deadline = time.time() + 60\n"
+        "while len(os.listdir(folder)) < 2 and time.time() < deadline:\n    time.sleep(0.01)\n"
+        "print(len(os.listdir(folder)), time.time())"
+    )
+    results = _run_side_by_side(plugin, code, 2)
+    assert [r["success"] for r in results] == [True, True], [r["error"] for r in results]
+    assert [r["stdout"].split()[0] for r in results] == ["2", "2"]
+    assert plugin.health().details["watcher_paced_for_glyphs"] == "0"
+
+
+def test_every_thread_of_a_runner_yields_the_cpu_to_glyphs(provider):
+    """os.nice() lowers one thread on Linux; a runner lowers all of its threads, ipykernel's own too."""
+    code = (
+        "import os\n"
+        "tids = [int(t) for t in os.listdir('/proc/self/task')]\n"
+        "print(len(tids), min(os.getpriority(os.PRIO_PROCESS, t) for t in tids))"
+    )
+    threads, niceness = provider.run(code, "")["stdout"].split()
+    assert int(threads) >= 3 and int(niceness) >= 10
+    threads, niceness = provider.run(code, "a-glyph-at-normal-priority")["stdout"].split()
+    assert int(niceness) == os.getpriority(os.PRIO_PROCESS, 0)  # the provider's, which the tests' is
