@@ -23,6 +23,7 @@ from kernel_provider.config import (
     DEFAULT_PORT,
     DEFAULT_WATCHER_KERNELS,
     DEFAULT_WATCHER_QUEUE,
+    DEFAULT_WATCHER_SHARE,
     ISOLATION_MODES,
     KERNEL_NETWORKS,
     ConfigError,
@@ -37,6 +38,7 @@ from kernel_provider.config import (
     parse_watcher_kernels,
     parse_watcher_mode,
     parse_watcher_queue,
+    parse_watcher_share,
 )
 
 log = logging.getLogger("kernel_provider")
@@ -117,6 +119,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--watcher-kernels", parse_watcher_kernels, DEFAULT_WATCHER_KERNELS, "N"),
         ("--watcher-queue", parse_watcher_queue, DEFAULT_WATCHER_QUEUE, "N"),
         ("--watcher-mode", parse_watcher_mode, "reset", "reset|fresh"),
+        ("--watcher-share", parse_watcher_share, DEFAULT_WATCHER_SHARE, "SHARE"),
     ]
     for flag, parse, default, metavar in lifecycle:
         key = flag[2:].replace("-", "_")
@@ -191,6 +194,7 @@ def settings_from_args(args: argparse.Namespace, executable: str) -> Settings:
         watcher_kernels=args.watcher_kernels,
         watcher_queue=args.watcher_queue,
         watcher_mode=args.watcher_mode,
+        watcher_share=args.watcher_share,
         connection_dir=args.connection_dir.resolve() if args.connection_dir else None,
         log_level=args.log_level,
         isolation=args.isolation,

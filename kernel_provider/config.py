@@ -27,6 +27,9 @@ DEFAULT_MAX_KERNELS = 64
 DEFAULT_WATCHER_KERNELS = 8  # started only as runs come; about 50 MB each
 DEFAULT_WATCHER_QUEUE = 1000
 WATCHER_MODES = ("reset", "fresh")
+# The share of a runner's time runs without a glyph may take while glyphs are active (see
+# watchers.GlyphsFirst); 1 turns that pacing off.
+DEFAULT_WATCHER_SHARE = 0.5
 # An idle ipykernel already uses about 140 MB of data memory; below this it could not start.
 MIN_KERNEL_MEMORY_MB = 256
 # gRPC's default message ceiling, which QNTX's Go client keeps. The output cap
@@ -64,6 +67,7 @@ class Settings:
     watcher_kernels: int = DEFAULT_WATCHER_KERNELS  # runner kernels for runs without a glyph
     watcher_queue: int = DEFAULT_WATCHER_QUEUE  # runs without a glyph that may wait for a runner
     watcher_mode: str = "reset"  # "reset": runners reset between runs; "fresh": a kernel per run
+    watcher_share: float = DEFAULT_WATCHER_SHARE  # of a runner's time, beside active glyphs; 1 = no pacing
     connection_dir: Path | None = None
     log_level: str = "info"
     isolation: str = "auto"  # ISOLATION_MODES: glyph kernels in a sandbox (kernels/sandbox.py) or not
@@ -204,6 +208,16 @@ def parse_watcher_mode(key: str, raw: str) -> str:
     return mode
 
 
+def parse_watcher_share(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number from 0.05 to 1, got {raw!r}.") from None
+    if not 0.05 <= value <= 1:  # also refuses NaN
+        raise ConfigError(f"{key} must be from 0.05 to 1 (1 turns pacing off), got {raw!r}.")
+    return value
+
+
 def parse_gateway_url(key: str, raw: str) -> str:
     url = raw.strip().rstrip("/")
     if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
@@ -305,6 +319,15 @@ CONFIG_FIELDS: dict[str, ConfigField] = {
         "every run without a glyph (strongest separation, one kernel start per run).",
         default="reset",
         parse=parse_watcher_mode,
+    ),
+    "watcher_share": ConfigField(
+        type="number",
+        description="While glyphs are active (one ran in the last second), runs without a glyph go one at a "
+        "time and take at most this share of a runner's time, so that glyphs stay fast; 1 turns this off.",
+        default=str(DEFAULT_WATCHER_SHARE),
+        parse=parse_watcher_share,
+        min_value="0.05",
+        max_value="1",
     ),
     "max_output_bytes": ConfigField(
         type="number",

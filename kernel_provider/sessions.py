@@ -396,6 +396,7 @@ class SessionManager:
         self.watchers = WatcherRunners(
             self._new_runner, settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode
         )
+        self.watchers.glyphs_first.share = settings.watcher_share
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
         self._resuming: dict[str, asyncio.Future] = {}  # glyph -> re-attaching its surviving kernel
         self._culler: asyncio.Task | None = None
@@ -623,6 +624,7 @@ class SessionManager:
         stale = [g for g, session in self.sessions.items() if session.kernel_name not in settings.served_kernels]
         await asyncio.gather(*(self._retire(self.sessions[g]) for g in stale))
         self.watchers.resize(settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode)
+        self.watchers.glyphs_first.share = settings.watcher_share
         if self._culler is not None:  # started: the pool and the ceiling follow the new settings
             self._apply_lifecycle_settings()
 

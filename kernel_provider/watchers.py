@@ -45,15 +45,15 @@ class GlyphsFirst:
     only the cores, still doubled a glyph's p50. So watchers must leave the machine room, not
     just the event loop. While glyphs are active (a glyph run under way, or one ended less
     than QUIET_SECONDS ago), runs without a glyph go one at a time, and after each a runner
-    rests as long as its run and reset took (SHARE_BESIDE_GLYPHS of the time busy). Watchers
-    slow down beside glyphs but never stop. With no glyph active, every runner takes runs
-    back to back.
+    rests so that it works at most ``share`` of the time (by default half: it rests as long as
+    its run and reset took). Watchers slow down beside glyphs but never stop. With no glyph
+    active, or a share of 1, every runner takes runs back to back.
     """
 
     QUIET_SECONDS = 1.0
-    SHARE_BESIDE_GLYPHS = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, share: float = 0.5) -> None:
+        self.share = share  # settings.watcher_share
         self.glyph_runs = 0  # under way now
         self._last_glyph_run = -math.inf  # when the last one ended (time.monotonic())
         self._rest_until = -math.inf  # no run without a glyph starts before this while glyphs are active
@@ -82,14 +82,14 @@ class GlyphsFirst:
 
     def runner_rested(self, busy_seconds: float) -> None:
         """A runner is back after ``busy_seconds`` of run and reset; rest as long, if glyphs are active."""
-        self._rest_until = time.monotonic() + busy_seconds * (1 / self.SHARE_BESIDE_GLYPHS - 1)
+        self._rest_until = time.monotonic() + busy_seconds * (1 / self.share - 1)
         self.changed()
 
     async def wait_turn(self, busy: Callable[[], int]) -> None:
         """Return when a run without a glyph may start, ``busy()`` being the runners at work."""
         async with self._turn:
             waited = False
-            while True:
+            while self.share < 1:
                 now = time.monotonic()
                 quiet_in = self.QUIET_SECONDS - (now - self._last_glyph_run)
                 if self.glyph_runs == 0 and quiet_in <= 0:
@@ -135,6 +135,7 @@ class WatcherRunners:
             "queued": self.queued,
             "queue_limit": self.queue_limit,
             "runs": self.runs,
+            "share_beside_glyphs": self.glyphs_first.share,
             "glyphs_active": self.glyphs_first.glyphs_active(),
             "paced_for_glyphs": self.glyphs_first.paced,
         }

@@ -37,6 +37,7 @@ def test_serve_help_shows_every_default():
         ("--log-level", "info"),
         ("--watcher-kernels", "8"),
         ("--watcher-mode", "reset"),
+        ("--watcher-share", "0.5"),
     ]:
         described = " ".join(entries[flag].split())
         assert f"(default {default})" in described, (flag, described)

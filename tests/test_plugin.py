@@ -135,6 +135,9 @@ def test_initialize_declares_python_provider(fresh_provider):
         ({"kernel": "no-such-kernel"}, "No kernelspec named 'no-such-kernel'"),
         ({"kernel": "../python3"}, "must be a kernelspec name"),
         ({"max_output_bytes": "12"}, "max_output_bytes must be between"),
+        ({"watcher_share": "0"}, "watcher_share must be from 0.05 to 1"),
+        ({"watcher_share": "nan"}, "watcher_share must be from 0.05 to 1"),
+        ({"watcher_share": "half"}, "watcher_share must be a number"),
     ],
 )
 def test_initialize_rejects_bad_config(fresh_provider, config, message):

@@ -163,24 +163,28 @@ def _run_side_by_side(plugin, code: str, count: int) -> list[dict]:
     return results
 
 
+def _start_a_glyph_that_runs_until(plugin, release) -> threading.Thread:
+    code = f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.01)\n'released'"
+    glyph = threading.Thread(target=lambda: plugin.run(code, "long-glyph"))
+    glyph.start()
+    _wait_for_health(plugin, "watcher_glyphs_active", "true")
+    return glyph
+
+
 def test_beside_a_running_glyph_watcher_runs_take_turns_and_rest_but_go_on(fresh_provider, tmp_path):
     """Glyphs first: while a glyph runs, runs without a glyph go one at a time, each runner
     resting as long as it worked; and they still run while the glyph never ends."""
     plugin = fresh_provider()
     release = tmp_path / "release-the-glyph"
-    glyph_code = f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.01)\n'released'"
-    glyph_result: list[dict] = []
-    glyph = threading.Thread(target=lambda: glyph_result.append(plugin.run(glyph_code, "long-glyph")))
-    glyph.start()
+    glyph = _start_a_glyph_that_runs_until(plugin, release)
     try:
-        _wait_for_health(plugin, "watcher_glyphs_active", "true")
         code = "import time\nstarted = time.time()\ntime.sleep(0.3)\nprint(started, time.time())"
         spans = _spans(_run_side_by_side(plugin, code, 4))
     finally:
         release.touch()
         glyph.join()
-    # All four ran while the glyph was still running: watchers slow down, they do not stop.
-    assert glyph_result[0]["result"] == "'released'"
+    # All four ran while the glyph was still running (it ends only once released, after them):
+    # watchers slow down, they do not stop.
     for (start, end), (next_start, _) in zip(spans, spans[1:], strict=False):
         assert next_start >= end, f"two watcher runs overlapped beside a running glyph: {spans}"
         # The provider counts a runner busy from before the code starts until its reset is
@@ -189,11 +193,18 @@ def test_beside_a_running_glyph_watcher_runs_take_turns_and_rest_but_go_on(fresh
     assert int(plugin.health().details["watcher_paced_for_glyphs"]) >= 3
 
 
-def test_with_no_glyph_active_watcher_runs_go_side_by_side(fresh_provider, tmp_path):
-    """Pacing is only beside glyphs: with none active, two runs wait for each other and both finish."""
-    plugin = fresh_provider()
-    assert plugin.run("1", "a-glyph")["success"]
-    _wait_for_health(plugin, "watcher_glyphs_active", "false")
+@pytest.mark.parametrize("glyph_active", [False, True], ids=["no-glyph-active", "pacing-off-by-share-1"])
+def test_watcher_runs_go_side_by_side_with_no_glyph_active_or_pacing_off(fresh_provider, tmp_path, glyph_active):
+    """Pacing is only beside glyphs, and --watcher-share 1 turns it off: two runs that each wait
+    for the other both finish."""
+    release = tmp_path / "release-the-glyph"
+    if glyph_active:
+        plugin = fresh_provider("--watcher-share", "1")
+        glyph = _start_a_glyph_that_runs_until(plugin, release)
+    else:
+        plugin = fresh_provider()
+        assert plugin.run("1", "a-glyph")["success"]
+        _wait_for_health(plugin, "watcher_glyphs_active", "false")
     # Each run marks its arrival and waits (up to a minute) for the other's mark: runs that
     # went one at a time would not both succeed.
     marks = tmp_path / "marks"
@@ -205,7 +216,12 @@ def test_with_no_glyph_active_watcher_runs_go_side_by_side(fresh_provider, tmp_p
         "while len(os.listdir(folder)) < 2 and time.time() < deadline:\n    time.sleep(0.01)\n"
         "print(len(os.listdir(folder)), time.time())"
     )
-    results = _run_side_by_side(plugin, code, 2)
+    try:
+        results = _run_side_by_side(plugin, code, 2)
+    finally:
+        if glyph_active:
+            release.touch()
+            glyph.join()
     assert [r["success"] for r in results] == [True, True], [r["error"] for r in results]
     assert [r["stdout"].split()[0] for r in results] == ["2", "2"]
     assert plugin.health().details["watcher_paced_for_glyphs"] == "0"
