@@ -78,23 +78,36 @@ def _skip_empty_flushes():
 
     ipykernel flushes both streams twice around every execute_request, and each flush waits
     for a round trip through its IOPub thread even when the stream holds nothing: about a
-    fifth of a short run. Skipping an empty flush changes no order: anything the IOPub thread
-    is still sending was queued there before the status and reply that follow. Older
-    ipykernels without per-parent buffers keep their own flush.
+    fifth of a short run. That wait also keeps the order of output: text the IOPub thread
+    is packing on its own is queued for sending only once packed, and the wait lets it in
+    ahead of the status and reply that follow. So a flush is skipped only when no text at
+    all was written since the last flush that waited; looking at ipykernel's buffers would
+    not do, as text being packed has already left them.
     """
+    import itertools
     import sys
 
     for stream in (sys.stdout, sys.stderr):
-        buffers, lock = getattr(stream, "_buffers", None), getattr(stream, "_buffer_lock", None)
-        if not isinstance(buffers, dict) or lock is None:
+        if not hasattr(stream, "_schedule_flush"):  # not ipykernel's OutStream, or another version
             continue
+        marks = itertools.count(2)
+        # The mark of the last write, and the mark the last waiting flush saw. ipykernel's
+        # write() calls _schedule_flush() once its text is in (IPython swaps write() itself in
+        # and out around each cell, so that is the place to hook); next() is atomic, so a
+        # flush that saw a mark has sent every text written before it. The first one waits.
+        last_write, flushed = [1], [0]
 
-        def flush(stream=stream, lock=lock, flush_all=stream.flush):
-            with lock:
-                written = any(buffer.tell() for buffer in stream._buffers.values())
-            if written:
+        def mark_write(schedule=stream._schedule_flush, last_write=last_write, marks=marks):
+            last_write[0] = next(marks)
+            schedule()
+
+        def flush(flush_all=stream.flush, last_write=last_write, flushed=flushed):
+            seen = last_write[0]
+            if seen != flushed[0]:
                 flush_all()
+                flushed[0] = seen
 
+        stream._schedule_flush = mark_write
         stream.flush = flush
 
 

@@ -222,3 +222,22 @@ def test_output_without_a_newline_still_arrives_with_its_run(provider):
         result = provider.run(code, "unflushed")
         assert result["success"], result["error"]
         assert result["stdout"] == "partial" and result["stderr"] == "err-partial"
+
+
+def test_output_being_sent_when_the_run_ends_still_arrives_with_its_run(provider):
+    """ipykernel's IOPub thread may be packing a periodic flush of a big write just as the run
+    ends. The flush at the end of the run must wait for it, or the run's idle status overtakes
+    the output and the output is lost. The glyph waits until that packing has begun."""
+    code = (
+        "import sys, time\n"
+        "sys.stderr.write('e' * 20_000_000)\n"
+        "deadline = time.monotonic() + 10\n"
+        "while sys.stderr._buffers and time.monotonic() < deadline:  # emptied by the IOPub thread\n"
+        "    pass\n"
+        "'done'"
+    )
+    for attempt in range(3):
+        result = provider.run(code, "flush-race")
+        assert result["success"], result["error"]
+        assert result["result"] == "'done'"
+        assert result["stderr"].startswith("eeee"), f"attempt {attempt}: the output was lost: {str(result)[:300]}"
