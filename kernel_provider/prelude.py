@@ -189,6 +189,7 @@ def _install_reset(ip, functions, prelude_names):
         # the bindings go, the containers IPython keeps references to are emptied in place.
         history.output_hist.clear()
         history.output_hist_reprs.clear()
+        getattr(history, "outputs", {}).clear()  # IPython 9 keeps every cell's printed text here
         del history.input_hist_parsed[1:]
         del history.input_hist_raw[1:]
         for name in ("_", "__", "___"):  # the displayhook's own copies of the last values

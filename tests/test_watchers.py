@@ -140,6 +140,14 @@ def test_last_values_and_history_bindings_are_gone_too(provider):
     assert leftover["result"] == "[]"
 
 
+def test_what_a_run_printed_is_not_kept_for_the_next(fresh_provider):
+    """IPython 9 keeps each cell's printed text in its history; a reset empties that too."""
+    plugin = fresh_provider("--watcher-kernels", "1")
+    assert plugin.run("print('secret printed text')", "")["stdout"] == "secret printed text\n"
+    result = plugin.run("print(dict(getattr(get_ipython().history_manager, 'outputs', {})) or 'nothing kept')", "")
+    assert result["stdout"] == "nothing kept\n"
+
+
 def _wait_for_health(plugin, key: str, value: str) -> None:
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while plugin.health().details.get(key) != value:
