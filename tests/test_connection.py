@@ -18,6 +18,7 @@ from kernel_provider.kernels.connection import ZMQConnection
 IN_FLIGHT = 16
 REQUESTS = 3000
 WAIT = 20.0
+LINES = 1500
 
 
 async def _with_kernel(work):
@@ -95,3 +96,33 @@ def test_output_and_replies_of_concurrent_runs_all_arrive_in_order():
     texts = asyncio.run(_with_kernel(work))
     expected = "".join(f"{i}\n" for i in range(200))
     assert texts == [expected] * 30
+
+
+def test_a_reader_that_falls_behind_pauses_its_channel_and_loses_nothing():
+    """Past INBOX_LIMIT waiting messages the connection stops reading iopub until the reader
+    catches up; the output then arrives whole and in order."""
+
+    async def work(connection: ZMQConnection) -> tuple[bool, str]:
+        code = f"for i in range({LINES}):\n    print(i, flush=True)\n"
+        inbox = connection.request("shell", "execute_request", {"code": code, "silent": False, "store_history": False})
+        try:
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while not inbox._queue.full() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)  # the reader is away
+            filled = inbox._queue.full()
+            text, idle, replied = "", False, False
+            while not (idle and replied):
+                channel, msg = await inbox.get(WAIT)
+                if msg["msg_type"] == "stream":
+                    text += msg["content"]["text"]
+                elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    idle = True
+                elif channel == "shell":
+                    replied = True
+        finally:
+            connection.forget(inbox)
+        return filled, text
+
+    filled, text = asyncio.run(_with_kernel(work))
+    assert filled, "the inbox never filled: the test did not reach the pause"
+    assert text == "".join(f"{i}\n" for i in range(LINES))

@@ -95,7 +95,7 @@ class KernelConnection:
 
     Subclasses move frames: ``_send`` puts one message on a channel, and their reading
     loop hands each message that arrives to the inbox of the request it answers
-    (``_deliver``, or the same steps done in place).
+    (``_deliver`` for a reader that can wait, ``_route`` for one that cannot).
     """
 
     def __init__(self) -> None:
@@ -154,13 +154,19 @@ class KernelConnection:
     def wants(self, parent_msg_id: Any) -> bool:
         return isinstance(parent_msg_id, str) and parent_msg_id in self._inboxes
 
-    async def _deliver(self, channel: str, msg: Message) -> None:
+    def _route(self, channel: str, msg: Message) -> Inbox | None:
+        """Hand a message to the inbox of the request it answers; that inbox, if it is full."""
         inbox = self._inboxes.get(msg["parent_header"].get("msg_id"))
         if inbox is None:
             self.dropped += 1
-            return
-        if not inbox.offer(channel, msg):
-            await inbox.put(channel, msg)
+            return None
+        return None if inbox.offer(channel, msg) else inbox
+
+    async def _deliver(self, channel: str, msg: Message) -> None:
+        """Route a message, waiting while its inbox is full (transports whose reader can wait)."""
+        full = self._route(channel, msg)
+        if full is not None:
+            await full.put(channel, msg)
 
     async def ready(self, timeout: float) -> None:
         """Wait until every channel can carry messages both ways (transports that need it)."""
@@ -217,8 +223,9 @@ class ZMQConnection(KernelConnection):
                 self._stdin_monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sock.connect(_url(info, f"{channel}_port"))
             self._sockets[channel] = sock
-        for channel in ("shell", "iopub", "stdin"):
-            self._loop.add_reader(self._sockets[channel].FD, self._read, channel)
+        self._fds = {channel: sock.FD for channel, sock in self._sockets.items()}
+        for channel, fd in self._fds.items():
+            self._loop.add_reader(fd, self._read, channel)
 
     async def ready(self, timeout: float) -> None:
         """Wait until the kernel's stdin socket knows us (see __init__); TimeoutError otherwise."""
@@ -268,16 +275,13 @@ class ZMQConnection(KernelConnection):
             except zmq.ZMQError:  # closed under us
                 return
             msg = self._parse(channel, frames)
-            if msg is None:
-                continue
-            inbox = self._inboxes.get(msg["parent_header"].get("msg_id"))
-            if inbox is None:
-                self.dropped += 1
-            elif not inbox.offer(channel, msg):
+            full = None if msg is None else self._route(channel, msg)
+            if full is not None:
                 # The reader is behind: stop reading this channel until it catches up, so a
                 # flood waits in zmq's own bounded buffers rather than in ours.
                 self._stalled.add(channel)
-                asyncio.ensure_future(self._resume_when_room(channel, inbox, msg))
+                self._loop.remove_reader(self._fds[channel])
+                asyncio.ensure_future(self._resume_when_room(channel, full, msg))
                 return
 
     async def _resume_when_room(self, channel: str, inbox: Inbox, msg: Message) -> None:
@@ -286,6 +290,7 @@ class ZMQConnection(KernelConnection):
         finally:
             self._stalled.discard(channel)
         if not self.closed:
+            self._loop.add_reader(self._fds[channel], self._read, channel)
             self._read(channel)
 
     def _parse(self, channel: str, frames: list[bytes]) -> Message | None:
@@ -320,9 +325,9 @@ class ZMQConnection(KernelConnection):
         if self._stdin_monitor is not None:
             self._stdin_monitor.close(linger=0)
             self._stdin_monitor = None
-        for sock in self._sockets.values():
-            with contextlib.suppress(zmq.ZMQError, ValueError, RuntimeError):
-                self._loop.remove_reader(sock.FD)
+        for channel, sock in self._sockets.items():
+            with contextlib.suppress(ValueError, RuntimeError):  # a loop already closed
+                self._loop.remove_reader(self._fds[channel])
             with contextlib.suppress(zmq.ZMQError):
                 sock.close(linger=0)
 
