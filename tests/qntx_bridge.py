@@ -31,6 +31,17 @@ Type = Message.Type
 CLOSED = object()  # what the browser reads once its socket is closed
 
 
+def browser_frame(message: Message) -> str:
+    """A plugin's DATA message as QNTX's bridge writes it to the browser: a JSON text frame."""
+    frame = {
+        "type": message.type,
+        "data": base64.b64encode(message.data).decode(),
+        "headers": dict(message.headers),
+        "timestamp": message.timestamp,
+    }
+    return json.dumps(frame)
+
+
 class BrowserClosed(Exception):
     """The bridge closed the browser's socket."""
 
@@ -160,13 +171,7 @@ class QntxBridge:
                     reason = "the plugin sent CLOSE"
                     break
                 elif message.type == Type.DATA:
-                    frame = {
-                        "type": message.type,
-                        "data": base64.b64encode(message.data).decode(),
-                        "headers": dict(message.headers),
-                        "timestamp": message.timestamp,
-                    }
-                    self.to_browser.put(json.dumps(frame))
+                    self.to_browser.put(browser_frame(message))
         except grpc.RpcError as exc:
             reason = f"the stream failed: {exc.code().name}"
         finally:

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import tornado.web
 import tornado.websocket
+from qntx_bridge import browser_frame
 
 from kernel_provider.proto import domain_pb2, domain_pb2_grpc
 
@@ -174,13 +175,7 @@ class PluginSocket(tornado.websocket.WebSocketHandler):
         try:
             async for message in call:
                 if message.type == Message.DATA:
-                    frame = {
-                        "type": message.type,
-                        "data": base64.b64encode(message.data).decode(),
-                        "headers": dict(message.headers),
-                        "timestamp": message.timestamp,
-                    }
-                    await self.write_message(json.dumps(frame))
+                    await self.write_message(browser_frame(message))
                 elif message.type in (Message.ERROR, Message.CLOSE):
                     break  # QNTX's keepalive treats a plugin's ERROR as fatal
         except (grpc.aio.AioRpcError, tornado.websocket.WebSocketClosedError):
