@@ -394,9 +394,12 @@ class SessionManager:
         # Why a glyph lost its kernel while nobody was asking (culled, evicted): told at its next run.
         self._reset_reasons: dict[str, str] = {}
         self.watchers = WatcherRunners(
-            self._new_runner, settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode
+            self._new_runner,
+            settings.watcher_kernels,
+            settings.watcher_queue,
+            settings.watcher_mode,
+            settings.watcher_share,
         )
-        self.watchers.glyphs_first.share = settings.watcher_share
         self._retiring: dict[str, asyncio.Future] = {}  # glyph -> its old kernel being stopped
         self._resuming: dict[str, asyncio.Future] = {}  # glyph -> re-attaching its surviving kernel
         self._culler: asyncio.Task | None = None
@@ -623,8 +626,9 @@ class SessionManager:
         # served but no longer its choice (the default changed) moves at its next run.
         stale = [g for g, session in self.sessions.items() if session.kernel_name not in settings.served_kernels]
         await asyncio.gather(*(self._retire(self.sessions[g]) for g in stale))
-        self.watchers.resize(settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode)
-        self.watchers.glyphs_first.share = settings.watcher_share
+        self.watchers.resize(
+            settings.watcher_kernels, settings.watcher_queue, settings.watcher_mode, settings.watcher_share
+        )
         if self._culler is not None:  # started: the pool and the ceiling follow the new settings
             self._apply_lifecycle_settings()
 

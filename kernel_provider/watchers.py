@@ -52,7 +52,7 @@ class GlyphsFirst:
 
     QUIET_SECONDS = 1.0
 
-    def __init__(self, share: float = 0.5) -> None:
+    def __init__(self, share: float) -> None:
         self.share = share  # settings.watcher_share
         self.glyph_runs = 0  # under way now
         self._last_glyph_run = -math.inf  # when the last one ended (time.monotonic())
@@ -113,7 +113,7 @@ class GlyphsFirst:
 class WatcherRunners:
     """Takes glyph-less runs: ``size`` runner kernels at once, at most ``queue_limit`` waiting."""
 
-    def __init__(self, new_session: Callable[[], KernelSession], size: int, queue_limit: int, mode: str):
+    def __init__(self, new_session: Callable[[], KernelSession], size: int, queue_limit: int, mode: str, share: float):
         self._new_session = new_session
         self.size, self.queue_limit, self.mode = size, queue_limit, mode
         self._runners: list[KernelSession] = []
@@ -121,7 +121,7 @@ class WatcherRunners:
         # Kernels of "fresh" runs under way, and the semaphore each took its place from.
         self._fresh: dict[KernelSession, asyncio.Semaphore] = {}
         self._fresh_slots = asyncio.Semaphore(size)  # "fresh" runs go side by side up to the same bound
-        self.glyphs_first = GlyphsFirst()
+        self.glyphs_first = GlyphsFirst(share)
         self.busy = 0
         self.resetting = 0
         self.queued = 0
@@ -210,11 +210,12 @@ class WatcherRunners:
         if runner in self._runners:
             self._idle.put_nowait(runner)
 
-    def resize(self, size: int, queue_limit: int, mode: str) -> None:
+    def resize(self, size: int, queue_limit: int, mode: str, share: float) -> None:
         """New settings take effect as runners come back; extra runners are stopped when idle."""
         if size != self.size:
             self._fresh_slots = asyncio.Semaphore(size)
         self.size, self.queue_limit, self.mode = size, queue_limit, mode
+        self.glyphs_first.share = share
         while len(self._runners) > size and not self._idle.empty():
             runner = self._idle.get_nowait()
             self._runners.remove(runner)
