@@ -9,7 +9,7 @@ from typing import Any
 from kernel_provider.proto import domain_pb2
 from kernel_provider.provider import Provider
 from kernel_provider.python_service import BadRequest, load_json, validate_code, validate_glyph_id
-from kernel_provider.results import ANSWER_BUDGET_BYTES, ExecutionResult, fit_result
+from kernel_provider.results import ANSWER_BUDGET_BYTES, ExecutionResult, fit_result_json
 from kernel_provider.sessions import ProviderClosing
 
 
@@ -93,11 +93,11 @@ async def execute_job(provider: Provider, request: domain_pb2.ExecuteJobRequest)
         return failed(f"{exc}.")
     # The error travels three times (its field, `result`, a log entry), stdout and stderr twice.
     budget = ANSWER_BUDGET_BYTES - MAX_LOG_ENTRIES * LOG_ENTRY_OVERHEAD_BYTES
-    result = fit_result(result, budget, sent_again={"stdout": 1, "stderr": 1, "error": 2})
+    result, encoded = fit_result_json(result, budget, sent_again={"stdout": 1, "stderr": 1, "error": 2})
     return domain_pb2.ExecuteJobResponse(
         success=result.success,
         error=result.error or "",
-        result=result.to_json(),
+        result=encoded,
         log_entries=log_entries(result),
         plugin_version=provider.version,
     )

@@ -14,7 +14,7 @@ from kernel_provider.live_events import LiveEvent, live_events
 from kernel_provider.proto import python_pb2, python_pb2_grpc
 from kernel_provider.provider import Provider
 from kernel_provider.reply_queue import ReplyQueue
-from kernel_provider.results import ExecutionResult, fit_result
+from kernel_provider.results import ExecutionResult, fit_result_json
 from kernel_provider.sessions import ProviderClosing, RunRequest
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,12 @@ def parse_request(glyph_id: str, code: str, upstream: bytes) -> tuple[str, str, 
 def to_response(result: ExecutionResult) -> python_pb2.PythonExecuteResponse:
     """Build the wire answer, keeping it under gRPC's 4 MB default whatever the kernel said."""
     # stdout and the error text travel twice: in their own fields and inside `result`.
-    result = fit_result(result, sent_again={"stdout": 1, "error": 1})
+    result, encoded = fit_result_json(result, sent_again={"stdout": 1, "error": 1})
     return python_pb2.PythonExecuteResponse(
         success=result.success,
         output=_valid_text(result.stdout),
         error=_valid_text(result.error or ""),
-        result=result.to_json(),
+        result=encoded,
     )
 
 

@@ -124,7 +124,16 @@ def cut_text(text: str, max_bytes: int) -> str:
 def fit_result(
     result: ExecutionResult, budget: int = ANSWER_BUDGET_BYTES, *, sent_again: Mapping[str, int] | None = None
 ) -> ExecutionResult:
-    """``result``, or a copy of it cut so that its JSON fits in ``budget`` bytes.
+    """``result``, or a copy of it cut so that its JSON fits in ``budget`` bytes (see fit_result_json)."""
+    return fit_result_json(result, budget, sent_again=sent_again)[0]
+
+
+def fit_result_json(
+    result: ExecutionResult, budget: int = ANSWER_BUDGET_BYTES, *, sent_again: Mapping[str, int] | None = None
+) -> tuple[ExecutionResult, bytes]:
+    """``result``, or a copy of it cut so that its JSON fits in ``budget`` bytes, and that JSON.
+
+    The JSON is the one measured on the way, so a surface that sends it encodes it once.
 
     Every surface's answer comes through here. ``sent_again`` names fields the surface
     also sends outside the JSON, and how many more times (Execute sends stdout and error
@@ -134,13 +143,14 @@ def fit_result(
     """
     weights = {name: 1 + extra for name, extra in (sent_again or {}).items()}
 
-    def size(candidate: ExecutionResult) -> int:
+    def measure(candidate: ExecutionResult) -> tuple[int, bytes]:
         extra = sum((weight - 1) * json_size(getattr(candidate, name) or "") for name, weight in weights.items())
-        return len(candidate.to_json()) + extra
+        encoded = candidate.to_json()
+        return len(encoded) + extra, encoded
 
-    total = size(result)
+    total, encoded = measure(result)
     if total <= budget:
-        return result
+        return result, encoded
     # A shallow copy: _cut_longest_texts copies each output it cuts before changing it.
     fitted = dataclasses.replace(result, outputs=list(result.outputs))
     for drop_outputs in (False, True):
@@ -148,16 +158,16 @@ def fit_result(
             note = "[kernel_provider: outputs left out to fit the 4 MB answer limit]\n"
             fitted.outputs = [{"output_type": "stream", "name": "stderr", "text": note}]
         for _ in range(4):  # each pass measures what the cuts really saved
-            total = size(fitted)
+            total, encoded = measure(fitted)
             if total <= budget:
-                return fitted
+                return fitted, encoded
             if not _cut_longest_texts(fitted, total - budget, weights):
                 break
     fitted.outputs = []
     fitted.stdout, fitted.stderr = "", "[kernel_provider: output left out to fit the 4 MB answer limit]\n"
     fitted.result = None
     fitted.error = cut_text(fitted.error or "", 64 * 1024) or None
-    return fitted
+    return fitted, fitted.to_json()
 
 
 def _cut_longest_texts(result: ExecutionResult, excess: int, weights: Mapping[str, int]) -> bool:
